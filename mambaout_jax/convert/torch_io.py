@@ -1,0 +1,158 @@
+"""Reading and writing weight files safely: PyTorch pickles (weights only), safetensors, our own format.
+
+Nothing here executes code from a file: ``.pth``/``.pt``/``.bin`` go through
+``torch.load(weights_only=True)`` and everything else through safetensors. Every write goes to a
+temporary file in the destination folder and is renamed into place, so a failed conversion never
+leaves a partial or clobbered output behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator, Mapping
+
+import numpy as np
+
+# Metadata key and value marking a safetensors file written by this project (flat contract params).
+FORMAT_KEY = "format"
+FLAX_FORMAT = "mambaout_jax.params.v1"
+
+
+class CheckpointError(ValueError):
+    """A weight file that cannot be used; the message names the file and what is wrong with it."""
+
+
+def _to_numpy(value, key: str, path: Path) -> np.ndarray:
+    if isinstance(value, np.ndarray):
+        return value
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        raise CheckpointError(f"{path}: entry {key!r} is a {type(value).__name__}, not a tensor")
+    value = value.detach().cpu()
+    if value.dtype in (torch.bfloat16, torch.float16):
+        value = value.float()
+    return value.numpy()
+
+
+def _unwrap(obj, path: Path) -> Mapping:
+    """Accept a bare state_dict or one wrapped as {"model": ...} / {"state_dict": ...}."""
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a mapping of tensors)")
+    for wrapper in ("model", "state_dict"):
+        inner = obj.get(wrapper)
+        if isinstance(inner, Mapping):
+            return inner
+    return obj
+
+
+def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop DistributedDataParallel's 'module.' prefix when every key carries it."""
+    if sd and all(k.startswith("module.") for k in sd):
+        return {k[len("module.") :]: v for k, v in sd.items()}
+    return sd
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return tensors, metadata
+
+
+def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading PyTorch pickles needs torch; install the extra: pip install 'mambaout-jax[torch]' "
+            "(or convert the file to .safetensors first)"
+        ) from None
+    import pickle
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"{path}: refused to unpickle (it is not a plain weights file, or it contains code; "
+            f"only torch.load(weights_only=True) content is accepted): {e}"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
+    sd = _unwrap(obj, path)
+    return _strip_prefix({str(k): _to_numpy(v, str(k), path) for k, v in sd.items()})
+
+
+def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
+    """Read a weight file. Returns ``(kind, tensors, metadata)``; kind is 'flax' or 'torch'.
+
+    'flax' means a safetensors file this project wrote (keys are contract paths); 'torch' means a
+    PyTorch state_dict (authors' or timm layout), from a pickle or a safetensors file.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected a weight file")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: is empty")
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        tensors, metadata = read_safetensors(path)
+        if metadata.get(FORMAT_KEY) == FLAX_FORMAT:
+            return "flax", tensors, metadata
+        tensors = _strip_prefix(_unwrap_flat(tensors))
+        return "torch", tensors, metadata
+    if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch zip archive / legacy pickle
+        return "torch", read_torch_pickle(path), {}
+    raise CheckpointError(f"{path}: neither a PyTorch checkpoint (.pth/.pt/.bin) nor a safetensors file")
+
+
+def _unwrap_flat(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A safetensors file saved from {"model": sd} flattens to 'model.<key>' names."""
+    if tensors and all(k.startswith("model.") for k in tensors):
+        return {k[len("model.") :]: v for k, v in tensors.items()}
+    return tensors
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, expected an output file path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
+    from safetensors.numpy import save_file
+
+    arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
+    with atomic_output(path) as tmp:
+        save_file(arrays, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def write_flax_weights(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, model: str, num_classes: int) -> None:
+    """Write contract params as this project's weight file (safetensors + identifying metadata)."""
+    write_safetensors(
+        path,
+        params,
+        {FORMAT_KEY: FLAX_FORMAT, "model": model, "num_classes": str(num_classes)},
+    )
