@@ -1,0 +1,231 @@
+"""Device-side batch transforms: pure jnp functions for use inside the jitted, sharded train step.
+
+Images cross host -> device as uint8 NHWC (4x less transfer than float32); these functions then
+normalise, mix and erase them on the accelerator. All shapes are static: boxes are built as
+masks from `iota` comparisons and branches are `jnp.where` selects, so each function traces once.
+Randomness comes only from the explicit `key`.
+
+Semantics follow timm (mixup.py, random_erasing.py) as the MambaOut recipe used them, in the order
+of timm's default (prefetcher) training path: normalise -> mixup/cutmix -> random erasing, so
+erased boxes hold pure noise rather than a mix. `augment_train_batch` chains the three.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def normalize(
+    images: jax.Array,
+    mean: Sequence[float],
+    std: Sequence[float],
+    *,
+    dtype=jnp.float32,
+) -> jax.Array:
+    """uint8 [..., H, W, C] -> (x / 255 - mean) / std in `dtype`; mean/std in [0, 1] units.
+
+    Computed in float32 with torchvision's operation order (ToTensor's divide, then Normalize's
+    subtract and divide), then cast, so the inputs match PyTorch's to the last bit before casting.
+    """
+    x = images.astype(jnp.float32) / 255.0
+    x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+    return x.astype(dtype)
+
+
+def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
+    """Smoothed one-hot float32 targets as timm's `mixup_target`: off = s / K, on = 1 - s + s / K."""
+    off_value = label_smoothing / num_classes
+    on_value = 1.0 - label_smoothing + off_value
+    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    return one_hot * (on_value - off_value) + off_value
+
+
+def _box_mask(height: int, width: int, top, bottom, left, right) -> jax.Array:
+    """[H, W] bool mask of rows in [top, bottom) and columns in [left, right)."""
+    rows = jnp.arange(height)[:, None]
+    cols = jnp.arange(width)[None, :]
+    return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
+
+
+def _erase_one(key, image, *, prob, min_area, max_area, log_aspect, mode, max_attempts):
+    height, width, channels = image.shape
+    k_apply, k_area, k_aspect, k_top, k_left, k_fill = jax.random.split(key, 6)
+    apply = jax.random.uniform(k_apply) < prob
+    # timm draws (area, aspect) up to 10 times and keeps the first box that fits strictly inside.
+    area = jax.random.uniform(k_area, (max_attempts,), minval=min_area, maxval=max_area)
+    aspect = jnp.exp(jax.random.uniform(k_aspect, (max_attempts,), minval=log_aspect[0],
+                                        maxval=log_aspect[1]))  # fmt: skip
+    target_area = area * (height * width)
+    box_h = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
+    box_w = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
+    fits = (box_w < width) & (box_h < height)
+    first = jnp.argmax(fits)
+    box_h, box_w = box_h[first], box_w[first]
+    top = jax.random.randint(k_top, (), 0, height - box_h + 1)
+    left = jax.random.randint(k_left, (), 0, width - box_w + 1)
+    mask = _box_mask(height, width, top, top + box_h, left, left + box_w) & apply & fits.any()
+    if mode == "pixel":
+        fill = jax.random.normal(k_fill, image.shape, image.dtype)
+    elif mode == "rand":
+        fill = jax.random.normal(k_fill, (1, 1, channels), image.dtype)
+    else:
+        fill = jnp.zeros((1, 1, channels), image.dtype)
+    return jnp.where(mask[..., None], fill, image)
+
+
+def random_erasing(
+    key: jax.Array,
+    images: jax.Array,
+    *,
+    prob: float = 0.25,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+    mode: str = "pixel",
+    max_attempts: int = 10,
+) -> jax.Array:
+    """timm's RandomErasing (one box, `max_count=1`) on a normalised float batch [B, H, W, C].
+
+    Each image independently, with probability `prob`: draw area ~ U(min_area, max_area) x H x W
+    and aspect ~ log-U(min_aspect, max_aspect) up to `max_attempts` times, take the first box
+    strictly smaller than the image, place it uniformly, fill it with per-pixel N(0, 1) noise
+    ('pixel'), one N(0, 1) colour per channel ('rand') or zeros ('const'). If no attempt fits,
+    the image is left alone, as in timm.
+    """
+    if mode not in ("pixel", "rand", "const"):
+        raise ValueError(f"mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+    max_aspect = max_aspect or 1.0 / min_aspect
+    keys = jax.random.split(key, images.shape[0])
+    erase = lambda k, x: _erase_one(  # noqa: E731
+        k, x, prob=prob, min_area=min_area, max_area=max_area,
+        log_aspect=(math.log(min_aspect), math.log(max_aspect)), mode=mode,
+        max_attempts=max_attempts,
+    )  # fmt: skip
+    return jax.vmap(erase)(keys, images)
+
+
+def _mix_group(key, images, targets, *, mixup_alpha, cutmix_alpha, prob, switch_prob, correct_lam):
+    """timm's `Mixup._mix_batch` on one group: one lambda, mixed with the group reversed."""
+    _, height, width, _ = images.shape
+    k_prob, k_switch, k_mixup, k_cutmix, k_y, k_x = jax.random.split(key, 6)
+    apply = jax.random.uniform(k_prob) < prob
+    if mixup_alpha > 0 and cutmix_alpha > 0:
+        use_cutmix = jax.random.uniform(k_switch) < switch_prob
+    else:
+        use_cutmix = jnp.asarray(cutmix_alpha > 0)
+    lam_mixup = jax.random.beta(k_mixup, mixup_alpha, mixup_alpha) if mixup_alpha > 0 else 1.0
+    lam_cutmix = jax.random.beta(k_cutmix, cutmix_alpha, cutmix_alpha) if cutmix_alpha > 0 else 1.0
+    lam = jnp.where(apply, jnp.where(use_cutmix, lam_cutmix, lam_mixup), 1.0).astype(jnp.float32)
+
+    # timm's rand_bbox: a box of side sqrt(1 - lam) x image side, centre uniform over the image,
+    # clipped at the borders; correct_lam then sets lam to the uncovered fraction.
+    cut_ratio = jnp.sqrt(1.0 - lam)
+    cut_h = jnp.floor(height * cut_ratio).astype(jnp.int32)
+    cut_w = jnp.floor(width * cut_ratio).astype(jnp.int32)
+    centre_y = jax.random.randint(k_y, (), 0, height)
+    centre_x = jax.random.randint(k_x, (), 0, width)
+    top = jnp.clip(centre_y - cut_h // 2, 0, height)
+    bottom = jnp.clip(centre_y + (cut_h + 1) // 2, 0, height)
+    left = jnp.clip(centre_x - cut_w // 2, 0, width)
+    right = jnp.clip(centre_x + (cut_w + 1) // 2, 0, width)
+    box = _box_mask(height, width, top, bottom, left, right)
+    lam_box = 1.0 - ((bottom - top) * (right - left)).astype(jnp.float32) / (height * width)
+    cutmix = use_cutmix & apply
+    if correct_lam:
+        lam = jnp.where(cutmix, lam_box, lam)
+
+    flipped = images[::-1]
+    mixed = images * lam + flipped * (1.0 - lam)
+    cut = jnp.where(box[None, :, :, None], flipped, images)
+    images = jnp.where(cutmix, cut, jnp.where(apply, mixed, images))
+    targets = targets * lam + targets[::-1] * (1.0 - lam)
+    return images, targets, lam
+
+
+def mixup_cutmix(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    num_classes: int,
+    *,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    correct_lam: bool = True,
+    num_groups: int = 1,
+    return_lam: bool = False,
+):
+    """timm's Mixup/CutMix in batch mode: returns (images, soft targets [B, num_classes]).
+
+    With probability `prob` the batch is mixed with itself reversed, by CutMix (probability
+    `switch_prob`, lam ~ Beta(cutmix_alpha), box area 1 - lam, lam then corrected to the clipped
+    box) or by Mixup (lam ~ Beta(mixup_alpha)). Targets are label-smoothed one-hots mixed with the
+    same lam, so each row sums to 1.
+
+    `num_groups` splits the batch into that many equal contiguous groups, each with its own lam and
+    reversed within itself. timm ran this per GPU, on that GPU's batch; passing the number of
+    data-parallel shards reproduces that, and keeps the reversal local to each device (a reversal
+    of the global batch would move every image to another device). Set `return_lam` to also get
+    the per-group lambdas, shape [num_groups].
+    """
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
+    batch = images.shape[0]
+    if batch % num_groups:
+        raise ValueError(f"batch size {batch} is not divisible by num_groups={num_groups}")
+    targets = one_hot_targets(labels, num_classes, label_smoothing)
+    grouped = lambda x: x.reshape(num_groups, batch // num_groups, *x.shape[1:])  # noqa: E731
+    mix = lambda k, x, t: _mix_group(  # noqa: E731
+        k, x, t, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+        switch_prob=switch_prob, correct_lam=correct_lam,
+    )  # fmt: skip
+    keys = jax.random.split(key, num_groups)
+    images, targets, lam = jax.vmap(mix)(keys, grouped(images), grouped(targets))
+    images = images.reshape(batch, *images.shape[2:])
+    targets = targets.reshape(batch, num_classes)
+    return (images, targets, lam) if return_lam else (images, targets)
+
+
+def augment_train_batch(
+    key: jax.Array,
+    images: jax.Array,
+    labels: jax.Array,
+    *,
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    dtype=jnp.float32,
+    mixup_alpha: float = 0.8,
+    cutmix_alpha: float = 1.0,
+    mix_prob: float = 1.0,
+    switch_prob: float = 0.5,
+    label_smoothing: float = 0.1,
+    erase_prob: float = 0.25,
+    erase_mode: str = "pixel",
+    num_groups: int = 1,
+) -> tuple[jax.Array, jax.Array]:
+    """The recipe's device-side augmentation: uint8 batch -> (normalised images, soft targets).
+
+    normalise -> mixup/cutmix (skipped if both alphas or mix_prob are 0) -> random erasing
+    (skipped if erase_prob is 0); work is done in float32 and the images cast to `dtype` at the end.
+    """
+    k_mix, k_erase = jax.random.split(key)
+    x = normalize(images, mean, std, dtype=jnp.float32)
+    if (mixup_alpha > 0 or cutmix_alpha > 0) and mix_prob > 0:
+        x, targets = mixup_cutmix(
+            k_mix, x, labels, num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
+            prob=mix_prob, switch_prob=switch_prob, label_smoothing=label_smoothing,
+            num_groups=num_groups,
+        )  # fmt: skip
+    else:
+        targets = one_hot_targets(labels, num_classes, label_smoothing)
+    if erase_prob > 0:
+        x = random_erasing(k_erase, x, prob=erase_prob, mode=erase_mode)
+    return x.astype(dtype), targets
