@@ -1,6 +1,6 @@
 """MambaOut models in Flax NNX."""
 
-from mambaout_jax.models.factory import create_model, list_models, model_info, model_param_shapes
+from mambaout_jax.models.factory import create_model, list_models, model_from_params, model_info, model_param_shapes
 from mambaout_jax.models.mambaout import GatedCNNBlock, MambaOut, MambaOutConfig
 from mambaout_jax.models.params import ParamMismatchError, count_params, get_params, set_params
 from mambaout_jax.models.registry import MODELS, PAPER_MODELS, get_model_spec
@@ -17,6 +17,7 @@ __all__ = [
     "get_model_spec",
     "get_params",
     "list_models",
+    "model_from_params",
     "model_info",
     "model_param_shapes",
     "set_params",

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import math
 import os
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 from flax import nnx
@@ -11,11 +13,11 @@ from flax import nnx
 from mambaout_jax.models.complexity import compute_cost
 from mambaout_jax.models.layers import DepthwiseImpl
 from mambaout_jax.models.mambaout import MambaOut
-from mambaout_jax.models.params import count_params, param_shapes, set_params
+from mambaout_jax.models.params import param_shapes, set_params
 from mambaout_jax.models.registry import PAPER_MODELS, get_model_spec, list_models  # noqa: F401  (re-export)
 
 
-def _build(name: str, num_classes: int, drop_path_rate: float, drop_rate: float, dtype, dw_conv_impl, rngs):
+def _build(name: str, num_classes: int, *, drop_path_rate=0.0, drop_rate=0.0, dtype=jnp.float32, dw_conv_impl="auto", rngs):
     spec = get_model_spec(name)
     return MambaOut(
         spec.config,
@@ -55,21 +57,37 @@ def create_model(
     ``model.train()`` enables drop path / dropout; then call ``model(x, key)`` with a PRNG key.
     """
     spec = get_model_spec(name)
-    params = None
+    options = dict(drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl)
     if pretrained is not None:
         from mambaout_jax.convert import load_pretrained
 
-        found, num_classes, params = load_pretrained(pretrained, model=spec.name, num_classes=num_classes)
-    elif num_classes is None:
+        _, num_classes, params = load_pretrained(pretrained, model=spec.name, num_classes=num_classes)
+        return model_from_params(spec.name, params, num_classes=num_classes, **options)
+    if num_classes is None:
         num_classes = spec.eval.num_classes
     rngs = rngs if rngs is not None else nnx.Rngs(seed)
-    build = functools.partial(_build, spec.name, num_classes, drop_path_rate, drop_rate, dtype, dw_conv_impl)
-    if params is not None:
-        # No point in drawing random weights that are overwritten at once.
-        model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
-        set_params(model, params, what=f"weights in {pretrained}")
-    else:
-        model = _jit_init(build, rngs)
+    model = _jit_init(functools.partial(_build, spec.name, num_classes, **options), rngs)
+    model.eval()
+    return model
+
+
+def model_from_params(
+    name: str,
+    params: Mapping[str, Any],
+    *,
+    num_classes: int,
+    drop_path_rate: float = 0.0,
+    drop_rate: float = 0.0,
+    dtype=jnp.float32,
+    dw_conv_impl: DepthwiseImpl = "auto",
+) -> MambaOut:
+    """A model holding ``params`` (flat contract dict, strictly checked), without drawing random weights."""
+    build = functools.partial(
+        _build, get_model_spec(name).name, num_classes,
+        drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl,
+    )
+    model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+    set_params(model, params)
     model.eval()
     return model
 
@@ -79,7 +97,7 @@ def _jit_init(build, rngs: nnx.Rngs) -> MambaOut:
 
     @nnx.jit
     def init(rngs):
-        return build(rngs)
+        return build(rngs=rngs)
 
     return init(rngs)
 
@@ -87,7 +105,7 @@ def _jit_init(build, rngs: nnx.Rngs) -> MambaOut:
 @functools.lru_cache(maxsize=64)
 def model_param_shapes(name: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Contract path -> shape of a variant, without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: _build(name, num_classes, 0.0, 0.0, jnp.float32, "grouped", nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _build(name, num_classes, dw_conv_impl="grouped", rngs=nnx.Rngs(0)))
     return param_shapes(abstract)
 
 
@@ -95,12 +113,11 @@ def model_info(name: str, *, image_size: int = 224, num_classes: int | None = No
     """Parameter count, analytic compute (see ``complexity``) and the eval settings of a variant."""
     spec = get_model_spec(name)
     num_classes = spec.eval.num_classes if num_classes is None else num_classes
-    abstract = nnx.eval_shape(lambda: _build(spec.name, num_classes, 0.0, 0.0, jnp.float32, "grouped", nnx.Rngs(0)))
     cost = compute_cost(spec.config, image_size=image_size, num_classes=num_classes)
     ev = spec.eval
     return {
         "name": spec.name,
-        "params": count_params(abstract),
+        "params": int(sum(math.prod(s) for s in model_param_shapes(spec.name, num_classes).values())),
         "macs": cost["macs"],
         "macs_fvcore": cost["macs_fvcore"],
         "flops": cost["flops"],

@@ -19,11 +19,14 @@ DEPTHWISE_IMPLS = ("auto", "grouped", "shift")
 
 
 def trunc_normal_init(stddev: float = 0.02):
-    """timm's ``trunc_normal_(std=.02)``: N(0, std) truncated at *absolute* +-2 (i.e. +-100 std)."""
+    """timm's ``trunc_normal_(std=.02)``, whose bounds are *absolute* +-2, i.e. +-100 std.
+
+    Truncation at 100 standard deviations never happens in float32, so this draws N(0, std)
+    directly: identical in distribution, and far cheaper to compile than an erfinv-based sampler.
+    """
 
     def init(key, shape, dtype=jnp.float32):
-        bound = 2.0 / stddev
-        return jax.random.truncated_normal(key, -bound, bound, shape, dtype) * stddev
+        return jax.random.normal(key, shape, dtype) * stddev
 
     return init
 

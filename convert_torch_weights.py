@@ -1,0 +1,72 @@
+#!/usr/bin/env python
+"""Convert MambaOut weights between PyTorch (authors' or timm layout) and this project's Flax format.
+
+  # PyTorch -> Flax (the variant is recognised from the shapes), checked against timm:
+  python convert_torch_weights.py mambaout_femto.pth femto.safetensors --verify
+  # Flax -> timm-layout .safetensors that timm.create_model(name).load_state_dict(strict=True) accepts:
+  python convert_torch_weights.py femto.safetensors femto_timm.safetensors --to-timm
+
+Nothing is written unless the conversion (and --verify, when given) succeeds; errors exit non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from mambaout_jax.convert import CheckpointError, export_timm_safetensors, load_pretrained, save_flax_weights
+from mambaout_jax.models import ParamMismatchError, list_models
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("src", help="weight file: .pth/.pt/.bin/.safetensors (PyTorch) or one written by this project")
+    p.add_argument("out", help="output .safetensors file (written atomically, only on success)")
+    p.add_argument("--model", choices=list_models(), help="variant; default: recognised from the shapes")
+    p.add_argument("--num-classes", type=int, help="classifier size; default: the checkpoint's; 0 drops it")
+    p.add_argument("--to-timm", action="store_true", help="write timm layout instead of this project's format")
+    p.add_argument("--verify", action="store_true", help="run timm and Flax on one random batch and compare")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit error for --verify")
+    p.add_argument("--verify-batch", type=int, default=4)
+    p.add_argument("--verify-size", type=int, default=224)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        model, num_classes, params = load_pretrained(args.src, model=args.model, num_classes=args.num_classes)
+    except (CheckpointError, ParamMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{args.src}: {model}, {num_classes} classes, {len(params)} tensors")
+
+    if args.verify:
+        from mambaout_jax.convert.mapping import flax_to_torch
+        from mambaout_jax.convert.verify import verify_against_timm
+
+        # timm loads the round trip of our params (strict), so this checks both directions of the mapping.
+        result = verify_against_timm(
+            model, num_classes, params, flax_to_torch(params), batch_size=args.verify_batch, image_size=args.verify_size
+        )
+        print("verify:", json.dumps(result))
+        if not result["rel_err"] <= args.tolerance:
+            print(f"error: relative logit error {result['rel_err']:.3g} exceeds {args.tolerance:g}; nothing written",
+                  file=sys.stderr)
+            return 1
+
+    try:
+        if args.to_timm:
+            export_timm_safetensors(args.out, params, model=model)
+        else:
+            save_flax_weights(args.out, params, model=model, num_classes=num_classes)
+    except (CheckpointError, OSError) as e:
+        print(f"error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.out} ({'timm layout' if args.to_timm else 'mambaout_jax format'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,35 @@
+"""Shared test setup: which device runs the PyTorch reference, and markers."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+
+def _reference_device() -> str:
+    """'cuda' (the CUDA reference: timm on CUDA, JAX on the GPU) when both see a GPU, else 'cpu'."""
+    try:
+        from mambaout_jax.convert.verify import reference_device
+
+        return reference_device()
+    except ImportError:
+        return "cpu"
+
+
+REFERENCE_DEVICE = _reference_device()
+
+
+@pytest.fixture(scope="session")
+def reference_device() -> str:
+    return REFERENCE_DEVICE
+
+
+def pytest_report_header(config):
+    return f"PyTorch reference device: {REFERENCE_DEVICE}"

@@ -1,0 +1,245 @@
+"""Converter: every file format and layout, strict errors, atomic output, the CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file as save_torch_safetensors
+
+import mambaout_jax
+from conftest import ROOT
+from mambaout_jax.convert import CheckpointError, convert_state_dict, export_timm_safetensors, load_pretrained
+from mambaout_jax.convert.verify import compare_logits, flax_forward, timm_forward
+from mambaout_jax.models import get_params
+from timm.models.mambaout import checkpoint_filter_fn
+from torch_reference import random_timm_model, state_dict_numpy, timm_to_authors
+
+NAME = "test_mambaout"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """A timm test_mambaout with every parameter random, and a batch to run it on."""
+    tm = random_timm_model(NAME, seed=7)
+    x = np.random.default_rng(0).standard_normal((2, 96, 96, 3), dtype=np.float32)
+    return tm, x, timm_forward(tm, x)
+
+
+def _torch_sd(tm, layout: str) -> dict[str, torch.Tensor]:
+    sd = {k: v.detach().clone() for k, v in tm.state_dict().items()}
+    return timm_to_authors(sd) if layout == "authors" else sd
+
+
+def _write(path, sd, fmt: str, wrapped: bool):
+    if fmt == "safetensors":
+        save_torch_safetensors({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save({"model": sd, "epoch": 300} if wrapped else sd, str(path))
+    return path
+
+
+def test_authors_renaming_equals_timm_checkpoint_filter_fn(reference):
+    tm, _, _ = reference
+    authors = timm_to_authors(state_dict_numpy(tm))
+    assert "downsample_layers.0.conv1.weight" in authors and "head.fc2.weight" in authors
+    from mambaout_jax.convert import authors_to_timm
+
+    ours = authors_to_timm(authors)
+    theirs = checkpoint_filter_fn(dict(authors), None)
+    assert sorted(ours) == sorted(theirs) == sorted(tm.state_dict())
+
+
+@pytest.mark.parametrize(
+    "layout,fmt,wrapped",
+    [
+        ("timm", "pth", False),
+        ("timm", "pth", True),
+        ("authors", "pth", False),
+        ("authors", "pth", True),
+        ("timm", "safetensors", False),
+        ("authors", "safetensors", False),
+        ("timm", "bin", False),
+    ],
+)
+def test_create_model_loads_every_layout_and_format(tmp_path, reference, layout, fmt, wrapped):
+    tm, x, ref = reference
+    path = _write(tmp_path / f"weights.{fmt}", _torch_sd(tm, layout), fmt, wrapped)
+    model = mambaout_jax.create_model(NAME, pretrained=path)
+    result = compare_logits(ref, flax_forward(model, x))
+    assert result["rel_err"] <= 2e-5, result
+
+
+def test_variant_is_recognised_from_shapes(tmp_path, reference):
+    tm, _, _ = reference
+    path = _write(tmp_path / "w.pth", _torch_sd(tm, "authors"), "pth", True)
+    name, num_classes, _ = load_pretrained(path)
+    assert (name, num_classes) == (NAME, 1000)
+
+
+def test_flax_timm_flax_round_trip_is_bit_exact(tmp_path):
+    model = mambaout_jax.create_model("mambaout_small_rw", seed=3)
+    params = {k: np.asarray(v) for k, v in get_params(model).items()}
+    export_timm_safetensors(tmp_path / "timm.safetensors", params, model="mambaout_small_rw")
+
+    import timm
+    from safetensors.torch import load_file
+
+    tm = timm.create_model("mambaout_small_rw", pretrained=False)
+    tm.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
+    torch.save(tm.state_dict(), str(tmp_path / "back.pth"))
+    name, _, back = load_pretrained(tmp_path / "back.pth")
+    assert name == "mambaout_small_rw"
+    assert sorted(back) == sorted(params)
+    for k in params:
+        assert back[k].dtype == params[k].dtype and np.array_equal(back[k], params[k]), k
+
+
+def test_project_weight_file_round_trips(tmp_path, reference):
+    tm, x, ref = reference
+    _, nc, params = convert_state_dict(state_dict_numpy(tm))
+    mambaout_jax.convert.save_flax_weights(tmp_path / "ours.safetensors", params, model=NAME, num_classes=nc)
+    model = mambaout_jax.create_model(NAME, pretrained=tmp_path / "ours.safetensors")
+    for k, v in get_params(model).items():
+        assert np.array_equal(np.asarray(v), params[k]), k
+    assert compare_logits(ref, flax_forward(model, x))["rel_err"] <= 2e-5
+
+
+# ---- bad input -------------------------------------------------------------------------------
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "notes.pth"
+    bad.write_text("these are not weights\n")
+    with pytest.raises(CheckpointError, match="notes.pth.*neither a PyTorch checkpoint"):
+        load_pretrained(bad)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_pretrained(tmp_path / "nope.pth")
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_truncated_file(tmp_path, reference, fmt):
+    tm, _, _ = reference
+    path = _write(tmp_path / f"w.{fmt}", _torch_sd(tm, "timm"), fmt, False)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match=r"w\.%s.*(truncated|not a readable)" % fmt):
+        load_pretrained(path)
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pth"
+    torch.save({"model": Evil()}, str(path))
+    with pytest.raises(CheckpointError, match="refused to unpickle"):
+        load_pretrained(path)
+
+
+def test_wrong_variant_names_mismatched_keys_and_shapes(tmp_path):
+    tm = random_timm_model("mambaout_femto")
+    path = _write(tmp_path / "femto.pth", _torch_sd(tm, "timm"), "pth", False)
+    with pytest.raises(CheckpointError) as err:
+        mambaout_jax.create_model("mambaout_kobe", pretrained=path)
+    msg = str(err.value)
+    assert "does not match mambaout_kobe" in msg
+    # kobe has 15 blocks in stage 2 where femto has 9: 6 blocks x 8 tensors are missing.
+    assert "missing from the checkpoint (48): stages.2.blocks.10.conv.bias" in msg
+    assert "those of mambaout_femto" in msg
+    with pytest.raises(CheckpointError, match=r"shape mismatch \(171\).*stages\.0\.blocks\.0\.fc1\.weight: checkpoint \(256, 48\) vs model \(512, 96\)"):
+        mambaout_jax.create_model("mambaout_tiny", pretrained=path)
+
+
+def test_missing_and_unexpected_keys_are_listed(tmp_path, reference):
+    tm, _, _ = reference
+    sd = _torch_sd(tm, "timm")
+    del sd["stages.2.blocks.1.conv.bias"]
+    sd["stages.2.blocks.1.extra.weight"] = torch.zeros(3)
+    path = _write(tmp_path / "w.pth", sd, "pth", False)
+    with pytest.raises(CheckpointError) as err:
+        load_pretrained(path, model=NAME)
+    msg = str(err.value)
+    assert "missing from the checkpoint (1): stages.2.blocks.1.conv.bias" in msg
+    assert "unexpected in the checkpoint (1): stages.2.blocks.1.extra.weight" in msg
+
+
+def test_unrecognised_architecture_says_so(tmp_path, reference):
+    tm, _, _ = reference
+    sd = _torch_sd(tm, "timm")
+    del sd["stages.2.blocks.1.conv.bias"]
+    with pytest.raises(CheckpointError, match="(?s)no registered MambaOut variant.*closest variant test_mambaout differs.*stages.2.blocks.1.conv.bias"):
+        load_pretrained(_write(tmp_path / "w.pth", sd, "pth", False))
+
+
+def test_class_count_mismatch_says_how_to_load(tmp_path):
+    tm = random_timm_model(NAME, num_classes=11821)
+    path = _write(tmp_path / "in12k.pth", _torch_sd(tm, "timm"), "pth", False)
+    with pytest.raises(CheckpointError, match=r"11821 classes.*num_classes=1000 was asked.*num_classes=11821"):
+        mambaout_jax.create_model(NAME, pretrained=path, num_classes=1000)
+    assert mambaout_jax.create_model(NAME, pretrained=path).num_classes == 11821
+    backbone = mambaout_jax.create_model(NAME, pretrained=path, num_classes=0)
+    assert backbone.head.fc is None
+
+
+# ---- the CLI ---------------------------------------------------------------------------------
+
+
+def _cli(*args):
+    return subprocess.run(
+        [sys.executable, str(ROOT / "convert_torch_weights.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+    )
+
+
+def test_cli_converts_verifies_and_exports(tmp_path, reference):
+    tm, x, ref = reference
+    src = _write(tmp_path / "authors.pth", _torch_sd(tm, "authors"), "pth", True)
+    out = tmp_path / "flax.safetensors"
+    r = _cli(src, out, "--verify", "--verify-size", "96")
+    assert r.returncode == 0, r.stderr
+    assert '"rel_err"' in r.stdout and out.exists()
+    back = tmp_path / "timm.safetensors"
+    r = _cli(out, back, "--to-timm")
+    assert r.returncode == 0, r.stderr
+    from safetensors.torch import load_file
+
+    tm2 = random_timm_model(NAME, seed=99)
+    tm2.load_state_dict(load_file(str(back)), strict=True)
+    assert np.array_equal(timm_forward(tm2, x), ref)
+
+
+def test_cli_bad_input_exits_nonzero_and_leaves_existing_output_untouched(tmp_path, reference):
+    tm, _, _ = reference
+    out = tmp_path / "out.safetensors"
+    out.write_bytes(b"previous good output")
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(b"PK\x03\x04 truncated zip")
+    r = _cli(bad, out)
+    assert r.returncode != 0
+    assert "bad.pth" in r.stderr and "Traceback" not in r.stderr
+    assert out.read_bytes() == b"previous good output"
+    fresh = tmp_path / "fresh.safetensors"
+    r = _cli(_write(tmp_path / "femto.pth", _torch_sd(tm, "timm"), "pth", False), fresh, "--model", "mambaout_femto")
+    assert r.returncode != 0 and "does not match mambaout_femto" in r.stderr
+    assert not fresh.exists() and not list(tmp_path.glob(".fresh*"))
+
+
+def test_cli_verify_failure_writes_nothing(tmp_path, reference):
+    """A tolerance no fp32 computation can meet must fail verification and write no file."""
+    tm, _, _ = reference
+    src = _write(tmp_path / "w.pth", _torch_sd(tm, "timm"), "pth", False)
+    out = tmp_path / "out.safetensors"
+    r = _cli(src, out, "--verify", "--verify-size", "64", "--tolerance", "0")
+    assert r.returncode == 1 and "exceeds" in r.stderr
+    assert not out.exists()
