@@ -197,6 +197,13 @@ _OPS: dict[str, tuple[Callable, Callable | None]] = {
 }
 
 
+def op_argument(name: str, level: float, negate: bool, translate_pct: float = 0.45):
+    """The argument timm passes to op `name` at magnitude `level` (None for argument-free ops);
+    `negate` is timm's random sign for the ops that have one."""
+    _, level_fn = _OPS[name]
+    return None if level_fn is None else level_fn(level, negate, {"translate_pct": translate_pct})
+
+
 @dataclasses.dataclass(frozen=True)
 class SampledOp:
     """One op as RandAugment decided to apply it: name, argument, and interpolation if any."""
@@ -279,16 +286,14 @@ class RandAugment:
 
     def sample(self, rng: np.random.Generator) -> list[SampledOp]:
         """Draws the ops to apply (skipped layers are left out), with their arguments."""
-        hparams = {"translate_pct": self.translate_pct}
         sampled = []
         for index in rng.integers(0, len(self.ops), size=self.num_layers).tolist():
             name = self.ops[index]
             if self.prob < 1.0 and rng.random() > self.prob:
                 continue
-            _, level_fn = _OPS[name]
             arg = None
-            if level_fn is not None:
-                arg = level_fn(self._level(rng), rng.random() > 0.5, hparams)
+            if _OPS[name][1] is not None:
+                arg = op_argument(name, self._level(rng), rng.random() > 0.5, self.translate_pct)
             resample = None
             if name in _GEOMETRIC_OPS:
                 resample = self.resample[int(rng.integers(len(self.resample)))]

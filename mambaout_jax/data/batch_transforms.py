@@ -28,8 +28,9 @@ def normalize(
 ) -> jax.Array:
     """uint8 [..., H, W, C] -> (x / 255 - mean) / std in `dtype`; mean/std in [0, 1] units.
 
-    Computed in float32 with torchvision's operation order (ToTensor's divide, then Normalize's
-    subtract and divide), then cast, so the inputs match PyTorch's to the last bit before casting.
+    Computed in float32 in torchvision's operation order (ToTensor's divide, then Normalize's
+    subtract and divide) and then cast. XLA turns the divisions into multiplications by
+    reciprocals, so values can differ from PyTorch's in the last few bits (<= 1e-6 absolute).
     """
     x = images.astype(jnp.float32) / 255.0
     x = (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
