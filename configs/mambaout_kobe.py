@@ -1,0 +1,7 @@
+"""MambaOut-Kobe: the authors' ImageNet-1k recipe (300 + 10 epochs, batch 4096, drop path 0.025)."""
+
+from configs.common import paper_model_config
+
+
+def get_config():
+    return paper_model_config("mambaout_kobe", drop_path_rate=0.025)

@@ -1,0 +1,189 @@
+"""The compiled side of a run, built once from a config and a mesh.
+
+``TrainProgram`` holds the model graph, optimizer, shardings and the jitted train/eval steps.
+``train.py`` runs it and ``mambaout_jax.plan`` lowers the very same object for a TPU topology, so
+what is planned is what is trained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from mambaout_jax.models.factory import _build, model_param_shapes
+from mambaout_jax.models.registry import get_model_spec
+from mambaout_jax.train import mesh as mesh_lib
+from mambaout_jax.train.optim import lr_schedule, make_optimizer
+from mambaout_jax.train.steps import AugmentConfig, ModelFn, TrainState, make_eval_step, make_train_step
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; raised before anything compiles."""
+
+
+def compute_dtype(config) -> Any:
+    if config.compute_dtype not in DTYPES:
+        raise ConfigError(f"compute_dtype must be one of {sorted(DTYPES)}, got {config.compute_dtype!r}")
+    return DTYPES[config.compute_dtype]
+
+
+def eval_settings(config) -> dict:
+    """The model's eval preprocessing (SPEC.md), with the config's overrides."""
+    ev = get_model_spec(config.model).eval
+    return {
+        "image_size": config.data.eval_image_size or ev.input_size,
+        "crop_pct": config.data.eval_crop_pct or ev.crop_pct,
+        "interpolation": ev.interpolation,
+        "crop_mode": ev.crop_mode,
+        "mean": ev.mean,
+        "std": ev.std,
+    }
+
+
+@dataclasses.dataclass
+class TrainProgram:
+    config: Any
+    mesh: Mesh
+    steps_per_epoch: int
+    micro_batch_size: int
+    model_shapes: dict[str, tuple[int, ...]]
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    param_shardings: dict[str, NamedSharding]
+    state_shardings: TrainState
+    batch_sharding: NamedSharding
+    train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
+    eval_step: Any  # jitted (params, batch) -> sums
+
+    @property
+    def total_steps(self) -> int:
+        c = self.config
+        return (c.epochs + c.cooldown_epochs) * self.steps_per_epoch
+
+    def abstract_state(self) -> TrainState:
+        """ShapeDtypeStructs (with shardings) of the train state: for restoring and for planning."""
+        params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in self.model_shapes.items()}
+        shapes = jax.eval_shape(lambda p: self._init_state(p), params)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.state_shardings
+        )
+
+    def _init_state(self, params: Mapping[str, jax.Array]) -> TrainState:
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in params.items()}
+        ema = dict(params) if self.config.ema_decay else None
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params), ema_params=ema)
+
+    def init_state(self, params: Mapping[str, np.ndarray | jax.Array]) -> TrainState:
+        """A fresh train state around ``params`` (flat contract dict), laid out on the mesh."""
+        params = jax.device_put(dict(params), self.param_shardings)
+        return jax.jit(self._init_state, out_shardings=self.state_shardings)(params)
+
+
+def build_model(config, *, dw_conv_impl: str | None = None):
+    """The NNX model of a config (random init happens separately; here only the graph matters)."""
+    return nnx.eval_shape(
+        lambda: _build(
+            config.model,
+            config.num_classes,
+            drop_path_rate=config.drop_path_rate,
+            dtype=compute_dtype(config),
+            dw_conv_impl=dw_conv_impl or config.dw_conv_impl,
+            rngs=nnx.Rngs(0),
+        )
+    )
+
+
+def build_program(
+    config, mesh: Mesh, *, steps_per_epoch: int, dw_conv_impl: str | None = None
+) -> TrainProgram:
+    """Validate the config against the mesh, then build and jit everything (nothing compiles yet)."""
+    get_model_spec(config.model)  # unknown model -> clear error
+    if config.num_classes <= 0:
+        raise ConfigError(f"num_classes must be positive for training, got {config.num_classes}")
+    micro = mesh_lib.check_global_batch(config.batch_size, mesh, config.grad_accum_steps)
+    dtype = compute_dtype(config)
+    ev = eval_settings(config)
+
+    model = build_model(config, dw_conv_impl=dw_conv_impl)
+    shapes = model_param_shapes(get_model_spec(config.model).name, config.num_classes)
+    schedule = lr_schedule(
+        base_lr=config.lr,
+        epochs=config.epochs,
+        warmup_epochs=config.warmup_epochs,
+        warmup_lr=config.warmup_lr,
+        min_lr=config.min_lr,
+        cooldown_epochs=config.cooldown_epochs,
+        steps_per_epoch=steps_per_epoch,
+    )
+    tx = make_optimizer(
+        schedule,
+        shapes,
+        b1=config.b1,
+        b2=config.b2,
+        eps=config.eps,
+        weight_decay=config.weight_decay,
+        grad_clip_norm=config.grad_clip_norm or None,
+    )
+
+    p_shard = mesh_lib.param_shardings(shapes, mesh, config.sharding)
+    rep = mesh_lib.replicated(mesh)
+    abstract_params = {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in shapes.items()}
+    opt_shapes = jax.eval_shape(tx.init, abstract_params)
+    opt_shard = optax.tree_map_params(tx, lambda _, s: s, opt_shapes, p_shard, transform_non_params=lambda _: rep)
+    state_shardings = TrainState(
+        step=rep, params=p_shard, opt_state=opt_shard, ema_params=p_shard if config.ema_decay else None
+    )
+    batch_sharding = mesh_lib.batch_sharding(mesh)
+
+    augment = AugmentConfig(
+        num_classes=config.num_classes,
+        mean=ev["mean"],
+        std=ev["std"],
+        mixup_alpha=config.aug.mixup_alpha,
+        cutmix_alpha=config.aug.cutmix_alpha,
+        mix_prob=config.aug.mix_prob,
+        switch_prob=config.aug.switch_prob,
+        label_smoothing=config.aug.label_smoothing,
+        erase_prob=config.aug.erase_prob,
+        mix_groups=mesh.devices.size,
+    )
+    train_step = make_train_step(
+        ModelFn(model, train=True),
+        tx,
+        schedule,
+        augment,
+        seed=config.seed,
+        grad_accum_steps=config.grad_accum_steps,
+        compute_dtype=dtype,
+        ema_decay=config.ema_decay or None,
+    )
+    eval_step = make_eval_step(
+        ModelFn(model, train=False), num_classes=config.num_classes, mean=ev["mean"], std=ev["std"], compute_dtype=dtype
+    )
+    train_batch = {"image": batch_sharding, "label": batch_sharding}
+    eval_batch = {"image": batch_sharding, "label": batch_sharding, "mask": batch_sharding}
+    return TrainProgram(
+        config=config,
+        mesh=mesh,
+        steps_per_epoch=steps_per_epoch,
+        micro_batch_size=micro,
+        model_shapes=shapes,
+        tx=tx,
+        schedule=schedule,
+        param_shardings=p_shard,
+        state_shardings=state_shardings,
+        batch_sharding=batch_sharding,
+        train_step=jax.jit(
+            train_step, in_shardings=(state_shardings, train_batch), out_shardings=(state_shardings, rep), donate_argnums=0
+        ),
+        eval_step=jax.jit(eval_step, in_shardings=(p_shard, eval_batch), out_shardings=rep),
+    )
