@@ -95,7 +95,7 @@ def test_mixup_cutmix_switches_half_the_time_with_timms_lambda_distributions(mix
     kinds = np.array([_classify(images, o, l) for o, l in zip(out, lam)])
     assert np.mean(kinds == "cutmix") == pytest.approx(0.5, abs=4 * 0.5 / math.sqrt(len(kinds)))
 
-    # Mixup: lam ~ Beta(0.8, 0.8).
+    # Mixup: lam ~ Beta(0.8, 0.8) (here and, with more samples, in the next test).
     assert stats.kstest(lam[kinds == "mixup"], stats.beta(0.8, 0.8).cdf).pvalue > 1e-3
     # CutMix: lam ~ Beta(1, 1), then corrected to the clipped box as in timm.
     np.random.seed(0)
@@ -104,6 +104,15 @@ def test_mixup_cutmix_switches_half_the_time_with_timms_lambda_distributions(mix
         for _ in range(4000)
     ]
     assert stats.ks_2samp(lam[kinds == "cutmix"], timm_lam).pvalue > 1e-3
+
+
+def test_mixup_lambda_is_beta_of_mixup_alpha():
+    # Beta(0.8, 0.8) is within 0.033 of uniform in CDF: 20000 draws tell them apart.
+    draw = jax.jit(jax.vmap(lambda k: mixup_cutmix(
+        k, jnp.zeros((2, 1, 1, 1)), LABELS[:2], NUM_CLASSES, cutmix_alpha=0.0, return_lam=True)[2]))  # fmt: skip
+    lam = np.asarray(draw(jax.random.split(jax.random.key(5), 20000)))[:, 0]
+    assert stats.kstest(lam, stats.beta(0.8, 0.8).cdf).pvalue > 1e-3
+    assert stats.kstest(lam, stats.uniform().cdf).pvalue < 1e-6
 
 
 def test_mixup_cutmix_off_and_cutmix_only():
@@ -169,6 +178,8 @@ def test_random_erasing_matches_timms_probability_and_box_distribution(erased):
     assert rate == pytest.approx(np.mean([b is not None for b in theirs]), abs=0.03)
     ours_hw = np.array([b for b in ours if b is not None], np.float64)
     theirs_hw = np.array([b for b in theirs if b is not None], np.float64)
+    for boxes in (ours_hw, theirs_hw):  # strictly inside the image, up to nearly its full side
+        assert boxes.max() < H and boxes.max() >= H - 3
     for name, fn in {"area": lambda b: b[:, 0] * b[:, 1], "aspect": lambda b: b[:, 0] / b[:, 1],
                      "height": lambda b: b[:, 0]}.items():  # fmt: skip
         assert stats.ks_2samp(fn(ours_hw), fn(theirs_hw)).pvalue > 1e-3, name
