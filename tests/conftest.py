@@ -6,7 +6,11 @@ import os
 import sys
 from pathlib import Path
 
+import jax
 import pytest
+
+# Simulate an 8-device mesh on the CPU (sharding tests); must happen before JAX initialises.
+jax.config.update("jax_num_cpu_devices", 8)
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:

@@ -7,6 +7,7 @@ import math
 import os
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -93,13 +94,23 @@ def model_from_params(
 
 
 def _jit_init(build, rngs: nnx.Rngs) -> MambaOut:
-    """Initialise under jit: one compiled program instead of hundreds of eager random draws."""
+    """Initialise under one jit instead of hundreds of eager random draws.
 
-    @nnx.jit
-    def init(rngs):
-        return build(rngs=rngs)
+    The program runs once, so it is compiled without optimisation: XLA:CPU otherwise spends
+    seconds optimising the few hundred independent random-number generators.
+    """
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0))))
+    rng_graphdef, rng_state = nnx.split(rngs)
 
-    return init(rngs)
+    @functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0})
+    def init(rng_state):
+        rngs = nnx.merge(rng_graphdef, rng_state)
+        model = build(rngs=rngs)
+        return nnx.state(model), nnx.state(rngs)
+
+    state, rng_state = init(rng_state)
+    nnx.update(rngs, rng_state)  # the caller's Rngs advance as if the model were built eagerly
+    return nnx.merge(graphdef, state)
 
 
 @functools.lru_cache(maxsize=64)

@@ -57,10 +57,13 @@ def lr_schedule(
     return schedule
 
 
-def decay_mask(params: Mapping[str, object]) -> dict[str, bool]:
+def decay_mask(params_or_shapes: Mapping[str, object]) -> dict[str, bool]:
     """Weight decay on matrices and conv kernels only: timm's ``param_groups_weight_decay`` skips
-    every parameter with ndim <= 1 (LayerNorm scales and biases, all biases, layer scale)."""
-    return {path: len(getattr(p, "shape", ())) > 1 for path, p in params.items()}
+    every parameter with ndim <= 1 (LayerNorm scales and biases, all biases, layer scale).
+
+    Takes arrays (anything with ``.shape``) or plain shape tuples.
+    """
+    return {path: len(getattr(p, "shape", p)) > 1 for path, p in params_or_shapes.items()}
 
 
 def make_optimizer(
