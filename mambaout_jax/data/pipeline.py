@@ -115,9 +115,25 @@ class _EvalExample:
         return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
 
 
-def _stack(examples: Sequence[dict], corrupt: Sequence[CorruptRecord] = ()) -> dict:
+def _stack(
+    examples: Sequence[dict], corrupt: Sequence[CorruptRecord] = (), *, shared_memory: bool = False
+) -> dict:
+    """Stacks examples into a batch dict and lists the corrupt records met on the way.
+
+    With `shared_memory`, arrays are stacked straight into shared memory, which grain then passes
+    from the worker to the main process without another copy of the batch.
+    """
     corrupt = list(corrupt) + [e[_CORRUPT] for e in examples if _CORRUPT in e]
-    batch = {key: np.stack([e[key] for e in examples]) for key in examples[0] if key != _CORRUPT}
+    batch = {}
+    for key in examples[0]:
+        if key == _CORRUPT:
+            continue
+        values = [e[key] for e in examples]
+        out = None
+        if shared_memory:
+            first = np.asarray(values[0])
+            out = grain.multiprocessing.SharedMemoryArray((len(values), *first.shape), first.dtype)
+        batch[key] = np.stack(values, out=out)
     batch[_CORRUPT] = tuple((c.key, c.error) for c in corrupt)
     return batch
 
@@ -132,18 +148,26 @@ class _BatchSkippingCorrupt(grain.IterDataset):
     def __init__(self, parent: grain.IterDataset, batch_size: int):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._shared_memory = False
+
+    def enable_shared_memory_output(self) -> None:
+        """Called by grain's mp_prefetch (base.SupportsSharedMemoryOutput): batch into shm."""
+        self._shared_memory = True
 
     def __iter__(self):
-        return _BatchSkippingCorruptIterator(self._parent.__iter__(), self._batch_size)
+        return _BatchSkippingCorruptIterator(
+            self._parent.__iter__(), self._batch_size, self._shared_memory
+        )
 
     def __str__(self):
         return f"_BatchSkippingCorrupt(batch_size={self._batch_size})"
 
 
 class _BatchSkippingCorruptIterator(grain.DatasetIterator):
-    def __init__(self, parent: grain.DatasetIterator, batch_size: int):
+    def __init__(self, parent: grain.DatasetIterator, batch_size: int, shared_memory: bool):
         super().__init__(parent)
         self._batch_size = batch_size
+        self._shared_memory = shared_memory
 
     def __next__(self) -> dict:
         examples, corrupt = [], []
@@ -153,7 +177,7 @@ class _BatchSkippingCorruptIterator(grain.DatasetIterator):
                 corrupt.append(example)
             else:
                 examples.append(example)
-        return _stack(examples, corrupt)
+        return _stack(examples, corrupt, shared_memory=self._shared_memory)
 
     def get_state(self) -> dict[str, Any]:
         return self._parent.get_state()

@@ -269,7 +269,12 @@ class TrainTransform:
         resample = self._resample(rng)
         size = (self.image_size, self.image_size)
         box = (left, top, left + crop_w, top + crop_h)
-        if self.jpeg_draft and lazy is not image and lazy.format == "JPEG":
+        if (
+            self.jpeg_draft
+            and lazy is not image
+            and lazy.format == "JPEG"
+            and min(crop_w, crop_h) >= 2 * self.image_size  # else no DCT scale (1/2..1/8) fits
+        ):
             # Ask for the smallest decode whose crop is still >= image_size on both sides.
             requested = (
                 math.ceil(width * self.image_size / crop_w),
