@@ -21,7 +21,13 @@ from ml_collections import config_flags
 ROOT = Path(__file__).resolve().parent
 DEFAULT_CONFIG = str(ROOT / "configs" / "digits.py")
 
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Python config file (configs/*.py).", lock_config=True)
+try:  # ml_collections applies --config.* overrides here already; a typo fails now, not mid-run
+    _CONFIG = config_flags.DEFINE_config_file(
+        "config", DEFAULT_CONFIG, "Python config file (configs/*.py).", lock_config=True
+    )
+except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'")
+    sys.exit(f"error: bad --config override: {message}")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics.jsonl and TensorBoard files go.", required=True)
 _RESUME = flags.DEFINE_string("resume", None, "Another run's workdir to continue from (when --workdir has no checkpoint).")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False, "Call jax.distributed.initialize() (multi-host runs).")

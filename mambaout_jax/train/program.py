@@ -50,6 +50,46 @@ def eval_settings(config) -> dict:
 
 
 @dataclasses.dataclass
+class EvalProgram:
+    """The jitted eval step of a model on a mesh: ``eval_step(params, batch) -> sums``."""
+
+    mesh: Mesh
+    num_classes: int
+    param_shardings: dict[str, NamedSharding]
+    eval_step: Any
+
+
+def build_eval_program(
+    model: str,
+    num_classes: int,
+    mesh: Mesh,
+    *,
+    compute_dtype=jnp.float32,
+    dw_conv_impl: str = "auto",
+    mean=None,
+    std=None,
+    sharding: str = "data_parallel",
+) -> EvalProgram:
+    spec = get_model_spec(model)
+    module = nnx.eval_shape(
+        lambda: _build(spec.name, num_classes, dtype=compute_dtype, dw_conv_impl=dw_conv_impl, rngs=nnx.Rngs(0))
+    )
+    shapes = model_param_shapes(spec.name, num_classes)
+    p_shard = mesh_lib.param_shardings(shapes, mesh, sharding)
+    step = make_eval_step(
+        ModelFn(module, train=False),
+        num_classes=num_classes,
+        mean=spec.eval.mean if mean is None else mean,
+        std=spec.eval.std if std is None else std,
+        compute_dtype=compute_dtype,
+    )
+    b = mesh_lib.batch_sharding(mesh)
+    eval_batch = {"image": b, "label": b, "mask": b}
+    jitted = jax.jit(step, in_shardings=(p_shard, eval_batch), out_shardings=mesh_lib.replicated(mesh))
+    return EvalProgram(mesh=mesh, num_classes=num_classes, param_shardings=p_shard, eval_step=jitted)
+
+
+@dataclasses.dataclass
 class TrainProgram:
     config: Any
     mesh: Mesh
@@ -62,7 +102,7 @@ class TrainProgram:
     state_shardings: TrainState
     batch_sharding: NamedSharding
     train_step: Any  # jitted (state, batch) -> (state, metrics); state donated
-    eval_step: Any  # jitted (params, batch) -> sums
+    eval: EvalProgram
 
     @property
     def total_steps(self) -> int:
@@ -166,11 +206,7 @@ def build_program(
         compute_dtype=dtype,
         ema_decay=config.ema_decay or None,
     )
-    eval_step = make_eval_step(
-        ModelFn(model, train=False), num_classes=config.num_classes, mean=ev["mean"], std=ev["std"], compute_dtype=dtype
-    )
     train_batch = {"image": batch_sharding, "label": batch_sharding}
-    eval_batch = {"image": batch_sharding, "label": batch_sharding, "mask": batch_sharding}
     return TrainProgram(
         config=config,
         mesh=mesh,
@@ -185,5 +221,14 @@ def build_program(
         train_step=jax.jit(
             train_step, in_shardings=(state_shardings, train_batch), out_shardings=(state_shardings, rep), donate_argnums=0
         ),
-        eval_step=jax.jit(eval_step, in_shardings=(p_shard, eval_batch), out_shardings=rep),
+        eval=build_eval_program(
+            config.model,
+            config.num_classes,
+            mesh,
+            compute_dtype=dtype,
+            dw_conv_impl=dw_conv_impl or config.dw_conv_impl,
+            mean=ev["mean"],
+            std=ev["std"],
+            sharding=config.sharding,
+        ),
     )

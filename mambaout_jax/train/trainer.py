@@ -21,6 +21,7 @@ from mambaout_jax.models.registry import get_model_spec
 from mambaout_jax.train import checkpoint as ckpt_lib
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.metrics import MetricsWriter, format_eta
+from mambaout_jax.train.evaluation import evaluate
 from mambaout_jax.train.program import ConfigError, TrainProgram, build_program, eval_settings
 
 
@@ -74,41 +75,6 @@ def make_train_iterator(config, source):
 
 def eval_batch_size(config) -> int:
     return config.eval_batch_size or config.batch_size // config.grad_accum_steps
-
-
-# ---------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------
-
-
-def evaluate(program: TrainProgram, params, source, *, batch_size: int, settings: dict, worker_count: int = 0, strict=False) -> dict:
-    """Top-1/top-5/loss over every example of ``source`` exactly once (padding is masked out)."""
-    mesh_lib.check_global_batch(batch_size, program.mesh)
-    it = data_lib.make_eval_iterator(
-        source,
-        global_batch_size=batch_size,
-        image_size=settings["image_size"],
-        crop_pct=settings["crop_pct"],
-        interpolation=settings["interpolation"],
-        crop_mode=settings["crop_mode"],
-        worker_count=worker_count,
-        strict=strict,
-    )
-    totals = None
-    start = time.perf_counter()
-    for _ in range(data_lib.eval_steps(len(source), batch_size)):
-        sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = jax.device_get(totals)
-    elapsed = time.perf_counter() - start
-    count = float(totals["count"])
-    return {
-        "top1": float(totals["top1_sum"]) / count,
-        "top5": float(totals["top5_sum"]) / count,
-        "loss": float(totals["loss_sum"]) / count,
-        "count": int(count),
-        "images_per_sec": count / elapsed,
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,7 +164,7 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
     def run_eval(at_step: int) -> dict:
         params = state.ema_params if state.ema_params is not None else state.params
         result = evaluate(
-            program, params, eval_source, batch_size=eval_batch_size(config), settings=eval_cfg,
+            program.eval, params, eval_source, batch_size=eval_batch_size(config), settings=eval_cfg,
             worker_count=config.data.worker_count, strict=config.data.strict,
         )  # fmt: skip
         result["step"] = at_step

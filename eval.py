@@ -1,0 +1,95 @@
+#!/usr/bin/env python
+"""Evaluate MambaOut weights on ImageNet val (TFDS or image folder), sharded over every device.
+
+  # A published PyTorch checkpoint, converted on the fly, with the model's own eval settings:
+  python eval.py --weights mambaout_tiny.pth --data-dir /data/tfds
+  # timm's test size (288, crop_pct 1.0):
+  python eval.py --weights mambaout_tiny.pth --data-dir /data/tfds --img-size 288 --crop-pct 1.0
+  # A train.py run (its latest checkpoint; EMA weights when it kept them), on an image folder:
+  python eval.py --weights runs/tiny --source folder --data-dir /data/imagenet --split val
+
+Counts are exact: the split is padded to whole batches and the padding masked out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir")
+    p.add_argument("--model", help="variant (default: from the weights)")
+    p.add_argument("--num-classes", type=int, help="default: the checkpoint's")
+    p.add_argument("--source", choices=["tfds", "folder", "digits"], default="tfds")
+    p.add_argument("--data-dir", help="TFDS data_dir or image-folder root")
+    p.add_argument("--dataset", default="imagenet2012", help="TFDS dataset name")
+    p.add_argument("--split", default=None, help="default: 'validation' (tfds) or 'val' (folder)")
+    p.add_argument("--img-size", type=int, help="default: the model's input size (e.g. 224; timm's test size is 288)")
+    p.add_argument("--crop-pct", type=float, help="default: the model's crop_pct")
+    p.add_argument("--batch-size", type=int, default=0, help="global batch; default 32 per device")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    p.add_argument("--workers", type=int, default=0, help="grain worker processes for decoding")
+    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import jax
+
+    if args.distributed:
+        jax.distributed.initialize()
+    sys.path.insert(0, str(ROOT))
+    from mambaout_jax import data as data_lib
+    from mambaout_jax.convert import CheckpointError, load_pretrained
+    from mambaout_jax.convert.torch_io import atomic_output
+    from mambaout_jax.data.digits import write_digits_folder
+    from mambaout_jax.models.registry import get_model_spec
+    from mambaout_jax.train.evaluation import evaluate
+    from mambaout_jax.train.mesh import ShardingConfigError, make_mesh
+    from mambaout_jax.train.program import DTYPES, build_eval_program
+
+    try:
+        model, num_classes, params = load_pretrained(args.weights, model=args.model, num_classes=args.num_classes)
+        spec = get_model_spec(model)
+        if args.source == "digits":
+            root = write_digits_folder(image_size=args.img_size or 32)
+            source = data_lib.image_folder_source(root, args.split or "val")
+        elif not args.data_dir:
+            raise ValueError(f"--data-dir is required for --source {args.source}")
+        elif args.source == "folder":
+            source = data_lib.image_folder_source(args.data_dir, args.split or "val")
+        else:
+            source = data_lib.tfds_source(args.data_dir, args.split or "validation", args.dataset)
+        mesh = make_mesh()
+        batch_size = args.batch_size or 32 * mesh.devices.size
+        settings = {
+            "image_size": args.img_size or spec.eval.input_size,
+            "crop_pct": args.crop_pct or spec.eval.crop_pct,
+            "interpolation": spec.eval.interpolation,
+            "crop_mode": spec.eval.crop_mode,
+        }
+        program = build_eval_program(model, num_classes, mesh, compute_dtype=DTYPES[args.dtype])
+        result = evaluate(program, params, source, batch_size=batch_size, settings=settings, worker_count=args.workers)
+    except (CheckpointError, ShardingConfigError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    split = args.split or ("validation" if args.source == "tfds" else "val")
+    result.update(model=model, weights=str(args.weights), source=args.source, split=split, **settings)
+    if jax.process_index() == 0:
+        print(json.dumps(result))
+        if args.out:
+            with atomic_output(args.out) as tmp:
+                tmp.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""Accuracy over a whole split, sharded over every device, each example counted exactly once."""
+
+from __future__ import annotations
+
+import time
+
+import jax
+
+from mambaout_jax import data as data_lib
+from mambaout_jax.train import mesh as mesh_lib
+from mambaout_jax.train.program import EvalProgram
+
+
+def evaluate(
+    program: EvalProgram,
+    params,
+    source,
+    *,
+    batch_size: int,
+    settings: dict,
+    worker_count: int = 0,
+    strict: bool = False,
+) -> dict:
+    """Top-1, top-5 and mean loss over ``source``.
+
+    The split is padded to whole global batches and the padding masked out, so the counts are
+    exact whatever the split size, and every process runs the same number of steps.
+    ``settings``: image_size, crop_pct, interpolation, crop_mode (the model's eval transform).
+    """
+    mesh_lib.check_global_batch(batch_size, program.mesh)
+    params = jax.device_put(params, program.param_shardings)
+    it = data_lib.make_eval_iterator(
+        source,
+        global_batch_size=batch_size,
+        image_size=settings["image_size"],
+        crop_pct=settings["crop_pct"],
+        interpolation=settings["interpolation"],
+        crop_mode=settings.get("crop_mode", "center"),
+        worker_count=worker_count,
+        strict=strict,
+    )
+    totals = None
+    start = time.perf_counter()
+    for _ in range(data_lib.eval_steps(len(source), batch_size)):
+        sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
+        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    totals = jax.device_get(totals)
+    elapsed = time.perf_counter() - start
+    count = float(totals["count"])
+    return {
+        "top1": float(totals["top1_sum"]) / count,
+        "top5": float(totals["top5_sum"]) / count,
+        "loss": float(totals["loss_sum"]) / count,
+        "count": int(count),
+        "images_per_sec": count / elapsed,
+    }
