@@ -10,17 +10,20 @@ grain's `random_map`, which seeds a Philox generator with (seed, position in the
 position = epoch * len(source) + index: the same example at the same place gets the same
 augmentation whatever the worker or process count.
 
-Which examples form a batch also depends on `worker_count`: each worker process batches a stride
-of the process's slice (grain's `mp_prefetch` design), so only a run restored with the same
-worker and process count continues the stream exactly; the iterator state says where each
-worker was.
+With worker_count 0 or 1, global batch k is exactly stream positions [k*G, (k+1)*G), whatever the
+process count. With more workers, which examples form a batch also depends on `worker_count`:
+each worker process batches a stride of the process's slice (grain's `mp_prefetch` design, which
+keeps whole batches in the workers), so W consecutive batches hold W*B consecutive positions.
+Either way a restored iterator continues exactly, given the same worker and process count; the
+state says where each worker was.
 
 Eval, per process: indices 0..padded-1 (padded = len(source) rounded up to the global batch) ->
 this process's stride -> decode + eval transform, or a zero image with mask=False for padding
 and corrupt records -> batch (whole batches per worker) -> accounting.
 
 Batches are dicts of NumPy arrays: image uint8 [B, H, W, 3], label int32 [B] (and mask bool [B]
-for eval), B = global_batch_size / process count.
+for eval), B = global_batch_size / process count. From worker processes they arrive as grain
+`SharedMemoryArray`s (an ndarray subclass viewing the worker's shared memory, freed when dropped).
 """
 
 from __future__ import annotations
@@ -293,6 +296,9 @@ def make_train_iterator(
       decoding and resizing; more threads mostly help when reads are slow, e.g. remote disks).
     shard: (process_index, process_count); defaults to jax.process_index()/process_count().
     strict: raise CorruptRecordError on a bad record instead of skipping and counting it.
+
+    Save/restore its position with `checkpointing.save_args`/`restore_args` (or get_state /
+    set_state); a restored iterator must be built with the same arguments.
     """
     process_index, process_count = _process_shard(shard)
     batch_size = _per_process_batch(global_batch_size, process_count)
