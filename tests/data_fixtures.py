@@ -90,6 +90,20 @@ def in_memory_source(num_examples: int, *, seed: int = 0, corrupt: dict[int, byt
     return records
 
 
+def require(module: str, why: str):
+    """Imports a test-only dependency: skips without it locally, fails without it in CI (CI=true),
+    where a silent skip would hide a missing install step."""
+    import importlib
+    import pytest
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail(f"{module} is missing ({why}); it belongs in the test dependencies")
+        pytest.skip(f"{module} not installed ({why})")
+
+
 # --- a miniature ImageNet, built by TFDS's imagenet2012 builder --------------------------------
 
 TRAIN_WNIDS = ("n01440764", "n01443537", "n01484850")  # labels 0, 1, 2 in TFDS's labels.txt

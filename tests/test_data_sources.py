@@ -18,6 +18,7 @@ from data_fixtures import (
     build_tfds_imagenet,
     encode,
     photo_image,
+    require,
     synthetic_image,
     write_image_folder,
 )
@@ -83,7 +84,8 @@ def imagenet(tmp_path_factory):
     """A 12-image train split (3 classes, photos and synthetic images of several sizes) and a
     5-image validation split, written by TFDS's imagenet2012 builder. Needs TensorFlow, as
     building the real dataset does."""
-    pytest.importorskip("tensorflow", reason="building a TFDS dataset needs tensorflow(-cpu)")
+    require("tensorflow", "TFDS needs it to build a dataset")
+    require("importlib_resources", "TFDS's dataset builder imports it")
     photos = ("astronaut", "coffee", "chelsea", "rocket")
     train = {
         wnid: [encode(photo_image(photos[i], (200 + 60 * c, 150 + 45 * i))) if i < 2
