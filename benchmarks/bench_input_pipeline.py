@@ -40,7 +40,7 @@ sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
 from mambaout_jax.data import TrainTransform, image_folder_source, make_train_iterator  # noqa: E402
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
-          "retina", "colorwheel")  # fmt: skip
+          "retina", "colorwheel")
 SIZES = ((500, 375), (500, 333), (375, 500), (500, 400), (400, 300), (333, 500))
 
 
@@ -97,7 +97,7 @@ class Measurement:
 
     def row(self, name: str, command: str) -> str:
         return (f"| {name} | {self.images_per_s:.0f} | {self.images_per_cpu_s:.0f} | "
-                f"{self.main_cpu:.2f} | `{command}` |")  # fmt: skip
+                f"{self.main_cpu:.2f} | `{command}` |")
 
 
 def _measure(fn, seconds: float, worker_pids: list[int] | None) -> Measurement:
@@ -135,7 +135,7 @@ def timm_transform(uint8: bool):
 
     _patch_timm_posterize()
     return create_transform(224, is_training=True, auto_augment="rand-m9-mstd0.5-inc1",
-                            interpolation="random", re_prob=0.0, use_prefetcher=uint8)  # fmt: skip
+                            interpolation="random", re_prob=0.0, use_prefetcher=uint8)
 
 
 class TimmFolderDataset:
@@ -200,7 +200,7 @@ def bench_timm_loop(source, seconds, uint8=False, **_):
 
 def bench_ours_pipeline(source, seconds, workers, batch_size, read_threads, **_):
     iterator = make_train_iterator(ImageNetLength(source), global_batch_size=batch_size, seed=0,
-                                   shard=(0, 1), worker_count=workers, read_threads=read_threads)  # fmt: skip
+                                   shard=(0, 1), worker_count=workers, read_threads=read_threads)
     for _ in range(2 * max(workers, 1)):  # worker start-up and first batches
         next(iterator)
     pids = _loader_pids() if workers else None
@@ -217,31 +217,29 @@ def bench_timm_pipeline(source, seconds, workers, batch_size, uint8=False, **_):
     sampler = torch.utils.data.RandomSampler(dataset, replacement=True, num_samples=10**9)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler,
                                          num_workers=workers, drop_last=True,
-                                         persistent_workers=workers > 0)  # fmt: skip
+                                         persistent_workers=workers > 0)
     iterator = iter(loader)
     for _ in range(2 * max(workers, 1)):
         next(iterator)
     pids = _loader_pids() if workers else None
-    result = _measure(lambda: len(next(iterator)[1]), seconds, pids)
-    del iterator
-    return result
+    return _measure(lambda: len(next(iterator)[1]), seconds, pids)  # workers stop with the iterator
 
 
 # name -> (description, function, extra kwargs, uses --workers, uses 2x larger JPEGs)
 MEASUREMENTS = {
     "ours-loop": ("ours: TrainTransform in a loop, jpeg_draft on", bench_ours_loop, {}, False, False),
     "ours-loop-nodraft": ("ours: TrainTransform in a loop, jpeg_draft off", bench_ours_loop,
-                          {"jpeg_draft": False}, False, False),  # fmt: skip
+                          {"jpeg_draft": False}, False, False),
     "timm-loop": ("timm: create_transform (ToTensor+Normalize) in a loop", bench_timm_loop, {}, False, False),
     "timm-uint8-loop": ("timm: create_transform(use_prefetcher=True), uint8, in a loop", bench_timm_loop,
-                        {"uint8": True}, False, False),  # fmt: skip
+                        {"uint8": True}, False, False),
     "ours-grain": ("ours: make_train_iterator (grain)", bench_ours_pipeline, {}, True, False),
     "timm-dataloader": ("timm: create_transform in a torch DataLoader", bench_timm_pipeline, {}, True, False),
     "timm-uint8-dataloader": ("timm: use_prefetcher=True transform in a torch DataLoader",
-                              bench_timm_pipeline, {"uint8": True}, True, False),  # fmt: skip
+                              bench_timm_pipeline, {"uint8": True}, True, False),
     "ours-loop-2x": ("ours: loop on 2x JPEGs (~1000x750), jpeg_draft on", bench_ours_loop, {}, False, True),
     "ours-loop-2x-nodraft": ("ours: loop on 2x JPEGs, jpeg_draft off", bench_ours_loop,
-                             {"jpeg_draft": False}, False, True),  # fmt: skip
+                             {"jpeg_draft": False}, False, True),
     "timm-loop-2x": ("timm: loop on 2x JPEGs", bench_timm_loop, {}, False, True),
 }
 
@@ -256,7 +254,7 @@ def main():
     parser.add_argument("--read-threads", type=int, default=1, help="ours: threads per worker")
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure every figure this many times, interleaved, and report the "
-                             "median: on a shared machine, background load then hits all alike")  # fmt: skip
+                             "median: on a shared machine, background load then hits all alike")
     args = parser.parse_args()
 
     root = Path(tempfile.mkdtemp(prefix="bench_input_"))
@@ -269,21 +267,21 @@ def main():
         for large, source in sources.items():
             size = np.mean([os.path.getsize(p) for p, _ in source.samples]) / 1024
             print(f"{len(source)} {'2x ' if large else ''}JPEGs, mean {size:.0f} KiB; "
-                  f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)  # fmt: skip
+                  f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}", flush=True)
         common = (f"--num-images {args.num_images} --seconds {args.seconds:g} "
-                  f"--batch-size {args.batch_size} --rounds {args.rounds}")  # fmt: skip
+                  f"--batch-size {args.batch_size} --rounds {args.rounds}")
         figures = [(name, workers) for name in args.measure
-                   for workers in (args.workers if MEASUREMENTS[name][3] else [0])]  # fmt: skip
+                   for workers in (args.workers if MEASUREMENTS[name][3] else [0])]
         results = {figure: [] for figure in figures}
         for round_index in range(args.rounds):
             for name, workers in figures:
                 _, fn, kwargs, _, large = MEASUREMENTS[name]
                 results[name, workers].append(fn(
                     sources[large], args.seconds, workers=workers, batch_size=args.batch_size,
-                    read_threads=args.read_threads, **kwargs))  # fmt: skip
+                    read_threads=args.read_threads, **kwargs))
                 print(f"round {round_index}: {name} {workers} workers: "
                       f"{results[name, workers][-1].images_per_cpu_s:.0f} images per CPU-second",
-                      file=sys.stderr, flush=True)  # fmt: skip
+                      file=sys.stderr, flush=True)
         print(f"\nload average after: {os.getloadavg()[0]:.2f}; medians of {args.rounds} round(s)")
         print("\n| what | images/s | images per CPU-second of the workers | main process CPU | command |")
         print("|---|---|---|---|---|")
@@ -295,7 +293,7 @@ def main():
             label = description + (f", {workers} workers" if uses_workers else "")
             runs = results[name, workers]
             median = Measurement(*(float(np.median([getattr(r, f.name) for r in runs]))
-                                   for f in dataclasses.fields(Measurement)))  # fmt: skip
+                                   for f in dataclasses.fields(Measurement)))
             print(median.row(label, command), flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -62,7 +62,7 @@ def mixed():
     """2000 independent applications of the recipe's mixup/cutmix to one batch."""
     fn = jax.jit(jax.vmap(
         lambda k, x: mixup_cutmix(k, x, LABELS, NUM_CLASSES, return_lam=True), in_axes=(0, None)
-    ))  # fmt: skip
+    ))
     images = _images()
     out_images, targets, lam = fn(jax.random.split(jax.random.key(42), 2000), images)
     return np.asarray(images), np.asarray(out_images), np.asarray(targets), np.asarray(lam)[:, 0]
@@ -109,7 +109,7 @@ def test_mixup_cutmix_switches_half_the_time_with_timms_lambda_distributions(mix
 def test_mixup_lambda_is_beta_of_mixup_alpha():
     # Beta(0.8, 0.8) is within 0.033 of uniform in CDF: 20000 draws tell them apart.
     draw = jax.jit(jax.vmap(lambda k: mixup_cutmix(
-        k, jnp.zeros((2, 1, 1, 1)), LABELS[:2], NUM_CLASSES, cutmix_alpha=0.0, return_lam=True)[2]))  # fmt: skip
+        k, jnp.zeros((2, 1, 1, 1)), LABELS[:2], NUM_CLASSES, cutmix_alpha=0.0, return_lam=True)[2]))
     lam = np.asarray(draw(jax.random.split(jax.random.key(5), 20000)))[:, 0]
     assert stats.kstest(lam, stats.beta(0.8, 0.8).cdf).pvalue > 1e-3
     assert stats.kstest(lam, stats.uniform().cdf).pvalue < 1e-6
@@ -121,7 +121,7 @@ def test_mixup_cutmix_off_and_cutmix_only():
     np.testing.assert_array_equal(never[0], images)
     np.testing.assert_allclose(never[1], one_hot_targets(LABELS, NUM_CLASSES, 0.1), atol=1e-7)
     cutmix_only = jax.jit(jax.vmap(lambda k: mixup_cutmix(
-        k, images, LABELS, NUM_CLASSES, mixup_alpha=0.0, return_lam=True)))  # fmt: skip
+        k, images, LABELS, NUM_CLASSES, mixup_alpha=0.0, return_lam=True)))
     out, _, lam = cutmix_only(jax.random.split(jax.random.key(1), 20))
     for o, l in zip(np.asarray(out), np.asarray(lam)[:, 0]):
         assert _classify(np.asarray(images), o, l) == "cutmix"
@@ -131,7 +131,7 @@ def test_mixup_groups_mix_only_within_their_group_with_their_own_lambda():
     images = _images(batch=8)
     labels = jnp.arange(8)
     out, targets, lam = mixup_cutmix(jax.random.key(3), images, labels, NUM_CLASSES,
-                                     num_groups=2, return_lam=True)  # fmt: skip
+                                     num_groups=2, return_lam=True)
     assert lam.shape == (2,) and lam[0] != lam[1]
     # Group 0's output doesn't depend on group 1's images, and its targets only on its labels.
     other = images.at[4:].set(0.0)
@@ -181,7 +181,7 @@ def test_random_erasing_matches_timms_probability_and_box_distribution(erased):
     for boxes in (ours_hw, theirs_hw):  # strictly inside the image, up to nearly its full side
         assert boxes.max() < H and boxes.max() >= H - 3
     for name, fn in {"area": lambda b: b[:, 0] * b[:, 1], "aspect": lambda b: b[:, 0] / b[:, 1],
-                     "height": lambda b: b[:, 0]}.items():  # fmt: skip
+                     "height": lambda b: b[:, 0]}.items():
         assert stats.ks_2samp(fn(ours_hw), fn(theirs_hw)).pvalue > 1e-3, name
     noise = erased[erased != 0]
     assert abs(noise.mean()) < 0.02 and noise.std() == pytest.approx(1.0, abs=0.02)
@@ -199,7 +199,7 @@ def test_augment_train_batch_compiles_once_and_returns_the_requested_dtype():
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(tb).sum(-1), 1.0, atol=1e-5)
     off = jax.jit(functools.partial(augment_train_batch, mixup_alpha=0.0, cutmix_alpha=0.0,
-                                    erase_prob=0.0, **config))  # fmt: skip
+                                    erase_prob=0.0, **config))
     plain, targets = off(jax.random.key(0), images, LABELS)
     np.testing.assert_array_equal(plain, normalize(images, IMAGENET_MEAN, IMAGENET_STD, dtype=jnp.bfloat16))
     np.testing.assert_allclose(targets, one_hot_targets(LABELS, NUM_CLASSES, 0.1), atol=1e-7)

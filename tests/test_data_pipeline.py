@@ -55,20 +55,22 @@ def test_batches_have_the_documented_layout(source):
 
 
 def test_same_seed_same_batches_new_order_every_epoch(source):
-    make = lambda seed: make_train_iterator(source, global_batch_size=8, seed=seed, shard=(0, 1), **FAST)  # noqa: E731
-    first = _take(make(0), 9)  # three epochs of three batches
-    _assert_same_batches(first, _take(make(0), 9))
-    other = _take(make(1), 9)
-    assert not np.array_equal(first[0]["label"], other[0]["label"])
+    def three_epochs(seed):  # 24 examples, 8 per batch
+        iterator = make_train_iterator(source, global_batch_size=8, seed=seed, shard=(0, 1), **FAST)
+        return _take(iterator, 9)
 
-    epochs = [np.concatenate([b["label"] for b in first[i : i + 3]]) for i in (0, 3, 6)]
-    for epoch in epochs:
+    first = three_epochs(0)
+    _assert_same_batches(first, three_epochs(0))
+    assert not np.array_equal(first[0]["label"], three_epochs(1)[0]["label"])
+
+    labels = [np.concatenate([b["label"] for b in first[i : i + 3]]) for i in (0, 3, 6)]
+    images = [np.concatenate([b["image"] for b in first[i : i + 3]]) for i in (0, 3, 6)]
+    for epoch in labels:
         assert sorted(epoch) == list(range(24))  # each epoch is a permutation of the source
-    assert not np.array_equal(epochs[0], epochs[1]) and not np.array_equal(epochs[1], epochs[2])
+    assert not np.array_equal(labels[0], labels[1]) and not np.array_equal(labels[1], labels[2])
     # An example's augmentation depends on its position in the stream, so it differs per epoch.
-    image_of = lambda i, label: np.concatenate([b["image"] for b in first[3 * i : 3 * i + 3]])[  # noqa: E731
-        list(epochs[i]).index(label)]
-    assert not np.array_equal(image_of(0, 5), image_of(1, 5))
+    example_5 = [images[e][list(labels[e]).index(5)] for e in range(3)]
+    assert not np.array_equal(example_5[0], example_5[1])
 
 
 def test_process_slices_are_disjoint_cover_the_epoch_and_match_a_single_process(source):
@@ -98,8 +100,10 @@ def test_process_slices_are_disjoint_cover_the_epoch_and_match_a_single_process(
 @pytest.mark.parametrize("worker_count", [0, 2])
 def test_restoring_iterator_state_reproduces_the_rest_exactly(worker_count):
     source = in_memory_source(30, corrupt={7: GARBAGE})
-    make = lambda: make_train_iterator(source, global_batch_size=6, seed=11, shard=(0, 1),  # noqa: E731
-                                       worker_count=worker_count, **FAST)
+    def make():
+        return make_train_iterator(source, global_batch_size=6, seed=11, shard=(0, 1),
+                                   worker_count=worker_count, **FAST)
+
     iterator = make()
     _take(iterator, 7)  # past the end of the first epoch
     state = iterator.get_state()
@@ -115,7 +119,9 @@ def test_restoring_iterator_state_reproduces_the_rest_exactly(worker_count):
 
 
 def test_orbax_checkpoint_holds_train_state_and_iterator_position(tmp_path, source):
-    make = lambda: make_train_iterator(source, global_batch_size=4, seed=5, shard=(0, 1), **FAST)  # noqa: E731
+    def make():
+        return make_train_iterator(source, global_batch_size=4, seed=5, shard=(0, 1), **FAST)
+
     state = {"params": {"w": jnp.arange(6.0).reshape(2, 3)}, "step": jnp.asarray(10)}
     iterator = make()
     _take(iterator, 10)
@@ -139,7 +145,7 @@ def test_orbax_checkpoint_holds_train_state_and_iterator_position(tmp_path, sour
 def test_corrupt_records_are_skipped_counted_and_logged_once(caplog, worker_count):
     source = in_memory_source(20, corrupt={3: GARBAGE, 11: TRUNCATED})
     iterator = make_train_iterator(source, global_batch_size=6, seed=0, shard=(0, 1),
-                                   worker_count=worker_count, **FAST)  # fmt: skip
+                                   worker_count=worker_count, **FAST)
     with caplog.at_level(logging.WARNING, logger="mambaout_jax.data.pipeline"):
         batches = _take(iterator, 9)  # 54 good examples: three epochs of 18
     iterator.close()
@@ -159,7 +165,7 @@ def test_corrupt_records_are_skipped_counted_and_logged_once(caplog, worker_coun
 def test_strict_mode_raises_naming_the_corrupt_record(worker_count):
     source = in_memory_source(12, corrupt={5: GARBAGE})
     iterator = make_train_iterator(source, global_batch_size=4, seed=0, shard=(0, 1),
-                                   worker_count=worker_count, strict=True, **FAST)  # fmt: skip
+                                   worker_count=worker_count, strict=True, **FAST)
     with pytest.raises(CorruptRecordError, match="record-5"):
         _take(iterator, 3)  # one epoch: record-5 is in it
     iterator.close()
@@ -175,7 +181,7 @@ def test_image_folder_with_every_image_mode_and_bad_files_trains(tmp_path):
     labels = np.concatenate([b["label"] for b in _take(iterator, 4)])
     assert len(labels) == 16 and set(labels) == {0, 1}
     assert sorted(iterator.corrupt_keys) == sorted(str(tmp_path / "train/cls_a" / name)
-                                                   for name in ("broken.JPEG", "empty.jpg"))  # fmt: skip
+                                                   for name in ("broken.JPEG", "empty.jpg"))
 
 
 @pytest.mark.parametrize("process_count, worker_count", [(1, 0), (2, 0), (3, 0), (1, 2)])
@@ -187,7 +193,7 @@ def test_eval_pads_to_whole_global_batches_and_counts_each_example_once(process_
     seen = []
     for p in range(process_count):
         iterator = make_eval_iterator(source, global_batch_size=global_batch, image_size=32,
-                                      shard=(p, process_count), worker_count=worker_count)  # fmt: skip
+                                      shard=(p, process_count), worker_count=worker_count)
         batches = list(iterator)
         assert len(batches) == steps  # every process runs the same number of steps
         for batch in batches:
@@ -202,11 +208,11 @@ def test_eval_pads_to_whole_global_batches_and_counts_each_example_once(process_
 
 def test_eval_images_are_eval_transform_of_each_record(tmp_path):
     photos = {f"{name}.JPEG": encode(photo_image(name, size))
-              for name, size in [("astronaut", (500, 375)), ("chelsea", (333, 500)), ("rocket", (640, 201))]}  # fmt: skip
+              for name, size in [("astronaut", (500, 375)), ("chelsea", (333, 500)), ("rocket", (640, 201))]}
     write_image_folder(tmp_path / "val", {"c": photos})
     source = image_folder_source(tmp_path, "val")
     (batch,) = list(make_eval_iterator(source, global_batch_size=3, image_size=288, crop_pct=0.95,
-                                       shard=(0, 1)))  # fmt: skip
+                                       shard=(0, 1)))
     for i in range(3):
         expected = eval_transform(source[i]["image"], size=288, crop_pct=0.95)
         np.testing.assert_array_equal(batch["image"][i], expected)

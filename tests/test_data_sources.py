@@ -3,7 +3,6 @@ format, built by TFDS itself and then read without TensorFlow."""
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from data_fixtures import (
     TRAIN_WNIDS,
@@ -26,7 +24,6 @@ from mambaout_jax.data import (
     eval_transform,
     image_folder_source,
     make_eval_iterator,
-    make_train_iterator,
     tfds_source,
 )
 
@@ -45,7 +42,7 @@ def test_image_folder_classes_and_sample_order_match_torchvision(tmp_path):
         "N01": {"x.jpg": _jpeg(4), "sub/deeper.JPG": _jpeg(5)},
         "n10": {"z.bmp": encode(synthetic_image(9, 9, 6), "BMP")},
         "empty_class": {},
-    })  # fmt: skip
+    })
     ours = image_folder_source(tmp_path, "train")
     theirs = torchvision.datasets.ImageFolder(tmp_path / "train", allow_empty=True)
     assert list(ours.classes) == theirs.classes == ["N01", "empty_class", "n02", "n10"]
@@ -92,7 +89,7 @@ def imagenet(tmp_path_factory):
                else encode(synthetic_image(120 + 20 * i, 90 + 30 * c, seed=10 * c + i))
                for i in range(4)]
         for c, wnid in enumerate(TRAIN_WNIDS)
-    }  # fmt: skip
+    }
     val = [encode(photo_image(photos[i % 4], (180 + 40 * i, 240 - 20 * i))) for i in range(5)]
     data_dir = build_tfds_imagenet(tmp_path_factory.mktemp("imagenet"), train, val)
     return data_dir, train, val
@@ -128,7 +125,7 @@ def test_eval_over_tfds_equals_eval_transform_of_the_stored_images(imagenet):
     data_dir, _, _ = imagenet
     source = tfds_source(data_dir, "validation")
     batches = list(make_eval_iterator(source, global_batch_size=4, image_size=224, crop_pct=0.95,
-                                      shard=(0, 1)))  # fmt: skip
+                                      shard=(0, 1)))
     assert len(batches) == 2
     images = np.concatenate([b["image"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])
@@ -158,7 +155,7 @@ def test_reading_tfds_through_the_pipeline_never_imports_tensorflow(imagenet):
                            "shapes": [list(s) for s in shapes], "eval_batches": len(evals)}}))
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            cwd=ROOT, timeout=300)  # fmt: skip
+                            cwd=ROOT, timeout=300)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["tf"] == []

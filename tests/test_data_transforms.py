@@ -45,7 +45,7 @@ def _timm_eval_pixels(image: Image.Image, size, crop_pct, interpolation, crop_mo
     transform = timm_data.create_transform(
         size, is_training=False, crop_pct=crop_pct, interpolation=interpolation,
         crop_mode=None if crop_mode == "center" else crop_mode,
-    )  # fmt: skip
+    )
     for t in transform.transforms[:-2]:  # everything before MaybeToTensor + Normalize
         image = t(image)
     return np.asarray(image)
@@ -61,7 +61,7 @@ def test_eval_transform_is_pixel_equal_to_timm(name):
             expected = _timm_eval_pixels(timm_input, *setting)
             size, crop_pct, interpolation, crop_mode = setting
             got = eval_transform(data, size=size, crop_pct=crop_pct,
-                                 interpolation=interpolation, crop_mode=crop_mode)  # fmt: skip
+                                 interpolation=interpolation, crop_mode=crop_mode)
             assert got.dtype == np.uint8
             if got.shape != expected.shape or not np.array_equal(got, expected):
                 mismatches.append(((width, height), setting))
@@ -86,7 +86,7 @@ def test_every_image_mode_decodes_to_the_rgb_timm_loads():
 
 
 @pytest.mark.parametrize("data", [b"", b"not an image", encode(photo_image("rocket"))[:3000]],
-                         ids=["empty", "garbage", "truncated_jpeg"])  # fmt: skip
+                         ids=["empty", "garbage", "truncated_jpeg"])
 def test_undecodable_bytes_raise_image_decode_error(data):
     with pytest.raises(ImageDecodeError):
         eval_transform(data)
@@ -113,7 +113,7 @@ def _timm_level_args(name, level, negate):
 def test_rand_augment_ops_are_pixel_equal_to_timm():
     image = photo_image("chelsea", (224, 224))
     ops = RAND_INCREASING_TRANSFORMS + ("Posterize", "Solarize", "Color", "Contrast", "Brightness",
-                                        "Sharpness")  # fmt: skip
+                                        "Sharpness")
     ra = RandAugment(ops=ops)
     checked = 0
     for name in ops:
@@ -127,7 +127,7 @@ def test_rand_augment_ops_are_pixel_equal_to_timm():
                         expected = timm_aa.NAME_TO_OP[name](
                             image, *(() if arg is None else (arg,)), fillcolor=IMAGENET_FILL,
                             resample=resample,
-                        )  # fmt: skip
+                        )
                     except ValueError:
                         # Pillow >= 10.x rejects posterize(0 bits), crashing timm at the strongest
                         # level; we return what older Pillow (and so the recipe) produced: black.
@@ -200,7 +200,7 @@ def test_rand_augment_sampling_matches_timm():
 
     # Op arguments (magnitude noise, random sign, clipping at 10) per op, and the interpolations.
     for name in ("Rotate", "ShearX", "TranslateYRel", "ColorIncreasing", "SharpnessIncreasing",
-                 "SolarizeIncreasing", "PosterizeIncreasing", "SolarizeAdd"):  # fmt: skip
+                 "SolarizeIncreasing", "PosterizeIncreasing", "SolarizeAdd"):
         a = [op[1] for op in flat_ours if op[0] == name]
         b = [op[1] for op in flat_theirs if op[0] == name]
         assert stats.ks_2samp(a, b).pvalue > 1e-3, name
@@ -221,7 +221,7 @@ def test_random_resized_crop_box_distribution_matches_timm(size):
     random.seed(1)
     blank = Image.new("RGB", size)
     theirs = np.array([RandomResizedCropAndInterpolation.get_params(blank, (0.08, 1.0), (3 / 4, 4 / 3))
-                       for _ in range(n)])  # fmt: skip
+                       for _ in range(n)])
     rng = np.random.default_rng(1)
     ours = np.array([sample_resized_crop(width, height, rng) for _ in range(n)])
     for boxes in (ours, theirs):  # (top, left, h, w) inside the image

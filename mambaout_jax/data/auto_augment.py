@@ -27,12 +27,12 @@ RAND_TRANSFORMS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize", "SolarizeAdd",
     "Color", "Contrast", "Brightness", "Sharpness", "ShearX", "ShearY", "TranslateXRel",
     "TranslateYRel",
-)  # fmt: skip
+)
 RAND_INCREASING_TRANSFORMS = (
     "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing", "SolarizeIncreasing",
     "SolarizeAdd", "ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
     "SharpnessIncreasing", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
-)  # fmt: skip
+)
 
 # Ops whose PIL call resamples, and so draw an interpolation (timm's `_check_args_tf`).
 _GEOMETRIC_OPS = frozenset(
@@ -45,7 +45,7 @@ _GEOMETRIC_OPS = frozenset(
 
 def _affine(img, matrix, *, fill, resample):
     return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample,
-                         fillcolor=fill)  # fmt: skip
+                         fillcolor=fill)
 
 
 def shear_x(img, factor, *, fill, resample):

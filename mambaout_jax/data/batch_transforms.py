@@ -59,7 +59,7 @@ def _erase_one(key, image, *, prob, min_area, max_area, log_aspect, mode, max_at
     # timm draws (area, aspect) up to 10 times and keeps the first box that fits strictly inside.
     area = jax.random.uniform(k_area, (max_attempts,), minval=min_area, maxval=max_area)
     aspect = jnp.exp(jax.random.uniform(k_aspect, (max_attempts,), minval=log_aspect[0],
-                                        maxval=log_aspect[1]))  # fmt: skip
+                                        maxval=log_aspect[1]))
     target_area = area * (height * width)
     box_h = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
     box_w = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
@@ -106,7 +106,7 @@ def random_erasing(
         k, x, prob=prob, min_area=min_area, max_area=max_area,
         log_aspect=(math.log(min_aspect), math.log(max_aspect)), mode=mode,
         max_attempts=max_attempts,
-    )  # fmt: skip
+    )
     return jax.vmap(erase)(keys, images)
 
 
@@ -186,7 +186,7 @@ def mixup_cutmix(
     mix = lambda k, x, t: _mix_group(  # noqa: E731
         k, x, t, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
         switch_prob=switch_prob, correct_lam=correct_lam,
-    )  # fmt: skip
+    )
     keys = jax.random.split(key, num_groups)
     images, targets, lam = jax.vmap(mix)(keys, grouped(images), grouped(targets))
     images = images.reshape(batch, *images.shape[2:])
@@ -224,7 +224,7 @@ def augment_train_batch(
             k_mix, x, labels, num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
             prob=mix_prob, switch_prob=switch_prob, label_smoothing=label_smoothing,
             num_groups=num_groups,
-        )  # fmt: skip
+        )
     else:
         targets = one_hot_targets(labels, num_classes, label_smoothing)
     if erase_prob > 0:

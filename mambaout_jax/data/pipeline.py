@@ -238,7 +238,7 @@ def _process_shard(shard: tuple[int, int] | None) -> tuple[int, int]:
     index, count = shard
     if not 0 <= index < count:
         raise ValueError(f"shard must be (process_index, process_count) with 0 <= index < count, "
-                         f"got {shard}")  # fmt: skip
+                         f"got {shard}")
     return index, count
 
 
@@ -304,12 +304,12 @@ def make_train_iterator(
     batch_size = _per_process_batch(global_batch_size, process_count)
     if len(source) < global_batch_size:
         raise ValueError(f"source has {len(source)} records, fewer than one global batch "
-                         f"({global_batch_size})")  # fmt: skip
+                         f"({global_batch_size})")
     transform = TrainTransform(
         image_size=image_size, random_resized_crop=random_resized_crop, scale=tuple(scale),
         ratio=tuple(ratio), interpolation=interpolation, hflip=hflip, rand_augment=rand_augment,
         fill=tuple(fill), jpeg_draft=jpeg_draft,
-    )  # fmt: skip
+    )
     ds = grain.MapDataset.source(source).seed(seed)
     ds = ds.shuffle().repeat()
     ds = ds.random_map(_TrainExample(transform, strict))
