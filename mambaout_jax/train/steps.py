@@ -41,7 +41,7 @@ class ModelFn:
         model.eval()
 
     def __call__(self, params: Params, images: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        state = nnx.State.from_flat_path({self.paths[k]: v for k, v in params.items()})
+        state = nnx.from_flat_state({self.paths[k]: v for k, v in params.items()})
         return nnx.merge(self.graphdef, state)(images, key)
 
 
@@ -138,7 +138,7 @@ def make_train_step(
             (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), jnp.arange(k))
             grads = jax.tree.map(lambda g: g / k, grads)
             loss = loss / k
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -152,7 +152,7 @@ def make_train_step(
         metrics = {
             "loss": loss,
             "grad_norm": grad_norm,
-            "param_norm": optax.global_norm(state.params),
+            "param_norm": optax.tree.norm(state.params),
             "lr": schedule(state.step),
             "finite": finite,
         }
