@@ -81,6 +81,23 @@ def test_depthwise_forms_agree(size, channels):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
 
 
+@pytest.mark.parametrize("size,channels", [(14, 5), (9, 128)])
+def test_depthwise_forms_have_the_same_gradients(size, channels):
+    """The shift form's hand-written VJP against autodiff of XLA's grouped convolution."""
+    kx, kk, kg = jax.random.split(jax.random.key(size), 3)
+    x = jax.random.normal(kx, (3, size, size, channels))
+    k = jax.random.normal(kk, (7, 7, 1, channels))
+    g = jax.random.normal(kg, (3, size, size, channels))
+
+    def grads(conv):
+        return jax.jit(lambda x, k: jax.vjp(conv, x, k)[1](g))(x, k)
+
+    with jax.default_matmul_precision("highest"):
+        (dx_a, dk_a), (dx_b, dk_b) = grads(depthwise_conv_grouped), grads(depthwise_conv_shift)
+    np.testing.assert_allclose(np.asarray(dx_b), np.asarray(dx_a), rtol=0, atol=1e-5 * float(jnp.abs(dx_a).max()))
+    np.testing.assert_allclose(np.asarray(dk_b), np.asarray(dk_a), rtol=0, atol=1e-5 * float(jnp.abs(dk_a).max()))
+
+
 def test_models_with_either_depthwise_form_compute_the_same_logits():
     grouped = mambaout_jax.create_model("test_mambaout", dw_conv_impl="grouped", seed=1)
     shift = model_from_params("test_mambaout", get_params(grouped), num_classes=1000, dw_conv_impl="shift")
@@ -167,3 +184,15 @@ def test_parameter_paths_mirror_timm_keys():
         assert path in params
     assert params["stages/2/blocks/0/ls/gamma"].shape == (48,)
     np.testing.assert_allclose(np.asarray(params["stages/2/blocks/0/ls/gamma"]), 1e-4)  # timm's init for this model
+
+
+def test_compiled_forward_in_micro_batches_equals_whole_batch():
+    model = mambaout_jax.create_model("test_mambaout", seed=4)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((11, 64, 64, 3), dtype=np.float32))
+    whole = np.asarray(mambaout_jax.compile_forward(model, micro_batch=None)(x))
+    chunked = np.asarray(mambaout_jax.compile_forward(model, micro_batch=4)(x))  # 3 chunks, last one padded
+    assert chunked.shape == whole.shape == (11, 1000)
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    np.testing.assert_allclose(whole, np.asarray(model(x)), rtol=0, atol=1e-5 * np.abs(whole).max())
+    with pytest.raises(ValueError, match="micro_batch"):
+        mambaout_jax.compile_forward(model, micro_batch=0)
