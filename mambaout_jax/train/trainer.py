@@ -6,7 +6,6 @@ the order it happens. Multi-host runs call ``jax.distributed.initialize()`` befo
 
 from __future__ import annotations
 
-import math
 import os
 import signal
 import time
