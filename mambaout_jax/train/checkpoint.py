@@ -88,13 +88,14 @@ def load_params_from_run(
         raise CheckpointError(
             f"{step_dir}: was trained with {saved_classes} classes, but num_classes={num_classes} was asked for"
         )
-    tree = ocp.PyTreeCheckpointer().metadata(step_dir / STATE)
-    tree = getattr(tree, "item_metadata", tree)
+    # The item handler directly: a step's items carry no per-item checkpoint metadata file.
+    handler = ocp.PyTreeCheckpointHandler()
+    tree = handler.metadata(step_dir / STATE)
     tree = getattr(tree, "tree", tree)
     key = "ema_params" if use_ema and tree.get("ema_params") else "params"
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = {key: {k: ocp.ArrayRestoreArgs(sharding=cpu) for k in tree[key]}}
-    restored = ocp.PyTreeCheckpointer().restore(
+    restored = handler.restore(
         step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True)
     )
     params = {k: np.asarray(v) for k, v in restored[key].items()}
