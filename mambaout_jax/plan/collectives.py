@@ -1,0 +1,249 @@
+"""Every cross-device collective of a compiled XLA program, read from its optimized HLO text.
+
+Why parse text: the compiled executable exposes its HLO only as text (``compiled.as_text()``), and
+that text is the program the TPU runs after SPMD partitioning, combining and scheduling, so what is
+counted here is what would cross the interconnect. Each collective is counted as often as it
+executes: an instruction inside a ``while`` body counts ``known_trip_count`` times (gradient
+accumulation is a ``while``), and one inside a loop whose trip count XLA does not know (a rejection
+sampler) is flagged, counted once per loop iteration.
+
+Forms handled: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``collective-permute``,
+``all-to-all``, ``collective-broadcast``, ``ragged-all-to-all``, their ``-start``/``-done`` async
+pairs (the ``-start`` is counted, ``-done`` is not), generic ``async-start`` wrappers (the
+collective inside the wrapped computation is counted), and tuple-shaped (combined) collectives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections import defaultdict
+from typing import Iterable
+
+KINDS = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all", "collective-broadcast")
+# Opcodes as they appear in HLO text -> the collective kind they belong to.
+_OPCODES = {
+    **{k: k for k in KINDS},
+    "ragged-all-to-all": "all-to-all",
+    "all-reduce-start": "all-reduce",
+    "all-gather-start": "all-gather",
+    "collective-permute-start": "collective-permute",
+}
+
+_DTYPE_BYTES = {
+    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4, "u32": 4, "s64": 8, "u64": 8,
+    "f16": 2, "bf16": 2, "f32": 4, "f64": 8, "c64": 8, "c128": 16,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e4m3b11fnuz": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e3m4": 1,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(_DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
+_COMPUTATION_HEADER = re.compile(r"^(ENTRY\s+)?%?([^\s(]+)\s*\(.*\)\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([^\s=]+)\s*=\s*(.*?)\s([a-z][a-z0-9\-]*)\((.*)$")
+_CALLEE = re.compile(r"\b(calls|body|condition|true_computation|false_computation)=%?([^\s,}]+)")
+_TO_APPLY = re.compile(r"\bto_apply=%?([^\s,}]+)")
+_BRANCHES = re.compile(r"\bbranch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"?(\d+)')
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def elements(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def bytes(self) -> int:
+        return int(self.elements * _DTYPE_BYTES[self.dtype])
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """One collective instruction and how often one step executes it.
+
+    ``arrays`` is the data the collective is about at full size: the reduced arrays of an
+    all-reduce, the gathered result of an all-gather, the scattered *input* of a reduce-scatter
+    (its result times the group size), the moved arrays of a permute or all-to-all.
+    """
+
+    kind: str
+    name: str
+    computation: str
+    arrays: tuple[Array, ...]
+    group_size: int | None  # devices per replica group; None when the text does not say
+    executions: int  # per step (loop trip counts multiplied in)
+    in_unknown_loop: bool  # inside a while loop whose trip count XLA does not know
+
+    @property
+    def bytes(self) -> int:
+        """Bytes per execution, per device (full logical size, see the class docstring)."""
+        return sum(a.bytes for a in self.arrays)
+
+    @property
+    def elements(self) -> int:
+        return sum(a.elements for a in self.arrays)
+
+    def wire_bytes(self, num_devices: int) -> float:
+        """Bytes each device sends per execution with bandwidth-optimal ring algorithms.
+
+        all-reduce = reduce-scatter + all-gather: 2(n-1)/n of the data; all-gather, reduce-scatter
+        and all-to-all: (n-1)/n; a permute sends its whole buffer once.
+        """
+        n = self.group_size or num_devices
+        if n <= 1:
+            return 0.0
+        share = (n - 1) / n
+        factor = {"all-reduce": 2 * share, "collective-permute": 1.0, "collective-broadcast": 1.0}.get(self.kind, share)
+        return factor * self.bytes
+
+
+def parse_arrays(shape_text: str) -> list[Array]:
+    """All array shapes in an HLO shape string (tuples flattened, layouts ignored)."""
+    return [Array(d, tuple(int(x) for x in dims.split(",") if x)) for d, dims in _ARRAY.findall(shape_text)]
+
+
+def _group_size(attrs: str) -> int | None:
+    m = re.search(r"replica_groups=\{\{([^}]*)\}", attrs)  # explicit: {{0,1,2,3},{4,5,6,7}}
+    if m:
+        return len([x for x in m.group(1).split(",") if x.strip()])
+    m = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)  # iota: [groups,size]<=[...]
+    if m:
+        return int(m.group(2))
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)  # mesh['x'=4,'y'=2] {'x'}
+    if m:
+        sizes = {k: int(v) for k, v in re.findall(r"'([^']+)'\s*=\s*(\d+)", m.group(1))}
+        axes = re.findall(r"'([^']+)'", m.group(2))
+        return math.prod(sizes[a] for a in axes) if axes and all(a in sizes for a in axes) else None
+    return None
+
+
+def _payload(kind: str, opcode: str, arrays: list[Array], group: int | None) -> tuple[Array, ...]:
+    """The full-size data of a collective from its result shape (see ``Collective``)."""
+    if opcode == "all-gather-start":  # (operands..., results...): the gathered halves
+        arrays = arrays[len(arrays) // 2 :]
+    elif opcode == "collective-permute-start":  # (operand, result, u32 contexts...)
+        arrays = arrays[1:2]
+    if kind == "reduce-scatter" and group:
+        arrays = [Array(a.dtype, (a.shape[0] * group,) + a.shape[1:]) if a.shape else a for a in arrays]
+    return tuple(arrays)
+
+
+@dataclasses.dataclass
+class _Computation:
+    name: str
+    entry: bool
+    calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)  # (callee, trip count)
+    collectives: list[tuple[str, str, tuple[Array, ...], int | None]] = dataclasses.field(default_factory=list)
+
+
+def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
+    comps: dict[str, _Computation] = {}
+    current: _Computation | None = None
+    for line in hlo_text.splitlines():
+        header = _COMPUTATION_HEADER.match(line)
+        if header:
+            current = comps.setdefault(header.group(2), _Computation(header.group(2), bool(header.group(1))))
+            continue
+        if current is None:
+            continue
+        if line.strip() == "}":
+            current = None
+            continue
+        inst = _INSTRUCTION.match(line)
+        if not inst:
+            continue
+        name, shape_text, opcode, rest = inst.groups()
+        if opcode.endswith("-done") or opcode == "async-update":
+            continue  # the matching -start is counted; following -done's calls= would count twice
+        trips = None
+        if opcode == "while":
+            m = _TRIP_COUNT.search(rest)
+            trips = int(m.group(1)) if m else None
+        for _, callee in _CALLEE.findall(rest):
+            current.calls.append((callee, trips if opcode == "while" else 1))
+        if opcode == "call":  # a call's callee is its to_apply (elsewhere to_apply is a reducer)
+            current.calls.extend((callee, 1) for callee in _TO_APPLY.findall(rest))
+        for branches in _BRANCHES.findall(rest):
+            current.calls.extend((b.strip().lstrip("%"), 1) for b in branches.split(",") if b.strip())
+        if opcode in _OPCODES:
+            kind = _OPCODES[opcode]
+            group = _group_size(rest)
+            current.collectives.append((kind, name, _payload(kind, opcode, parse_arrays(shape_text), group), group))
+    return comps
+
+
+def parse_collectives(hlo_text: str) -> list[Collective]:
+    """Every collective of an optimized HLO module with its executions per run of the entry."""
+    comps = _parse_computations(hlo_text)
+    entries = [c for c in comps.values() if c.entry]
+    if not entries:
+        raise ValueError("no ENTRY computation in the HLO text")
+    # Executions of each computation per run of the entry, callers before callees (Kahn's order).
+    callers = defaultdict(int)
+    for comp in comps.values():
+        for callee, _ in comp.calls:
+            if callee in comps:
+                callers[callee] += 1
+    runs: dict[str, int] = defaultdict(int)
+    unknown: dict[str, bool] = defaultdict(bool)
+    ready = [c.name for c in entries]
+    for c in ready:
+        runs[c] = 1
+    while ready:
+        name = ready.pop()
+        for callee, trips in comps[name].calls:
+            if callee not in comps:
+                continue
+            runs[callee] += runs[name] * (trips or 1)
+            unknown[callee] |= unknown[name] or trips is None
+            callers[callee] -= 1
+            if callers[callee] == 0:
+                ready.append(callee)
+    out = []
+    for comp in comps.values():
+        if not runs[comp.name]:
+            continue  # not reachable from the entry (e.g. a reducer's to_apply)
+        for kind, name, arrays, group in comp.collectives:
+            out.append(Collective(kind, name, comp.name, arrays, group, runs[comp.name], unknown[comp.name]))
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class KindSummary:
+    kind: str
+    count: int  # executions per step
+    instructions: int
+    elements: int  # per step, all executions
+    bytes: int  # per step, all executions
+    wire_bytes: float  # sent per device per step (ring algorithms)
+    dtypes: dict[str, int]  # elements per dtype
+    in_unknown_loop: int  # instructions inside loops of unknown trip count
+
+
+def summarize(collectives: Iterable[Collective], num_devices: int) -> dict[str, KindSummary]:
+    """Per kind: executions, elements and bytes per step, and the bytes each device sends."""
+    groups: dict[str, list[Collective]] = defaultdict(list)
+    for c in collectives:
+        groups[c.kind].append(c)
+    out = {}
+    for kind in KINDS:
+        cs = groups.get(kind, [])
+        if not cs:
+            continue
+        dtypes: dict[str, int] = defaultdict(int)
+        for c in cs:
+            for a in c.arrays:
+                dtypes[a.dtype] += a.elements * c.executions
+        out[kind] = KindSummary(
+            kind=kind,
+            count=sum(c.executions for c in cs),
+            instructions=len(cs),
+            elements=sum(c.elements * c.executions for c in cs),
+            bytes=sum(c.bytes * c.executions for c in cs),
+            wire_bytes=sum(c.wire_bytes(num_devices) * c.executions for c in cs),
+            dtypes=dict(dtypes),
+            in_unknown_loop=sum(c.in_unknown_loop for c in cs),
+        )
+    return out

@@ -1,0 +1,111 @@
+"""What the sharding rule implies about a train step's collectives, checked against the HLO.
+
+Data parallel (every parameter replicated): the one substantial collective is the gradient
+all-reduce, and it must carry every parameter's gradient exactly once -- its elements (summed over
+non-scalar arrays) equal the parameter count within ``TOLERANCE``; its bytes lie between
+params x the compute dtype's size (XLA reduces a gradient in the dtype it was computed in: bf16 for
+weights used in bf16) and params x 4 (float32). Scalar all-reduces (the loss; the predicate of the
+mixup Beta sampler's rejection loop) are expected and reported; any other collective larger than
+``SMALL_BYTES`` per execution is a finding that fails the check.
+
+Sharded (FSDP-style) rules: every sharded parameter must be all-gathered at least once per step
+(elements >= sharded parameter count). How XLA reduces the sharded gradients is its choice: a
+reduce-scatter of them is what the rule suggests, but at small activation sizes the SPMD
+partitioner may move activations instead (all-to-all / collective-permute); that is reported as a
+note, not a failure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Iterable, Mapping
+
+from jax.sharding import NamedSharding
+
+from mambaout_jax.plan.collectives import Collective
+
+TOLERANCE = 0.01  # relative, on gradient elements all-reduced / gathered vs the parameter count
+SMALL_BYTES = 1024  # per execution: below this a collective is a scalar/metric, not a tensor
+
+
+@dataclasses.dataclass(frozen=True)
+class CollectiveCheck:
+    rule: str  # 'data parallel' or 'sharded (fsdp)'
+    ok: bool
+    expected: str
+    found: str
+    findings: tuple[str, ...]  # failures (ok=False) and notes
+
+
+def _elements(cs: Iterable[Collective], kind: str, *, scalars: bool) -> int:
+    return sum(
+        a.elements * c.executions for c in cs if c.kind == kind for a in c.arrays if (len(a.shape) == 0) == scalars
+    )
+
+
+def _bytes(cs: Iterable[Collective], kind: str) -> int:
+    return sum(a.bytes * c.executions for c in cs if c.kind == kind for a in c.arrays if a.shape)
+
+
+def check_collectives(
+    collectives: Iterable[Collective],
+    param_shapes: Mapping[str, tuple[int, ...]],
+    param_shardings: Mapping[str, NamedSharding],
+    compute_itemsize: int,
+) -> CollectiveCheck:
+    cs = list(collectives)
+    sharded = sum(math.prod(s) for k, s in param_shapes.items() if not param_shardings[k].is_fully_replicated)
+    total = sum(math.prod(s) for s in param_shapes.values())
+    replicated = total - sharded
+    ar = _elements(cs, "all-reduce", scalars=False)
+    ar_scalars = _elements(cs, "all-reduce", scalars=True)
+    ag = _elements(cs, "all-gather", scalars=False)
+    rs = _elements(cs, "reduce-scatter", scalars=False)
+    loops = sum(c.in_unknown_loop for c in cs)
+    found = (
+        f"all-reduce {ar:,} elements ({_bytes(cs, 'all-reduce'):,} B) + {ar_scalars} scalars; "
+        f"all-gather {ag:,}; reduce-scatter {rs:,}; "
+        f"all-to-all {_elements(cs, 'all-to-all', scalars=False):,}; "
+        f"collective-permute {_elements(cs, 'collective-permute', scalars=False):,}"
+    )
+    findings: list[str] = []
+    if loops:
+        findings.append(
+            f"note: {loops} collective(s) sit in loops of unknown trip count, each run once per iteration "
+            "(e.g. jax.random.beta's rejection sampler for mixup, vmapped over per-device groups)"
+        )
+
+    if sharded == 0:
+        expected = (
+            f"one all-reduce of every gradient: {total:,} elements, "
+            f"{total * compute_itemsize:,}-{total * 4:,} B; nothing else beyond scalars"
+        )
+        ok = True
+        if abs(ar - total) > TOLERANCE * total:
+            ok = False
+            findings.append(f"gradient all-reduce carries {ar:,} elements, expected {total:,} (+-{TOLERANCE:.0%})")
+        nbytes = _bytes(cs, "all-reduce")
+        if not total * compute_itemsize * (1 - TOLERANCE) <= nbytes <= total * 4 * (1 + TOLERANCE):
+            ok = False
+            findings.append(f"gradient all-reduce is {nbytes:,} B, outside {total * compute_itemsize:,}-{total * 4:,}")
+        for c in cs:
+            if c.kind != "all-reduce" and c.bytes > SMALL_BYTES:
+                ok = False
+                findings.append(f"unexpected {c.kind} {c.name} of {c.bytes:,} B x{c.executions}")
+        return CollectiveCheck("data parallel", ok, expected, found, tuple(findings))
+
+    expected = (
+        f"all-gather of the {sharded:,} sharded parameter elements (at least once per step), "
+        f"their gradients reduce-scattered; all-reduce of the {replicated:,} replicated ones"
+    )
+    ok = ag >= sharded * (1 - TOLERANCE)
+    if not ok:
+        findings.append(f"all-gathers carry {ag:,} elements, fewer than the {sharded:,} sharded parameter elements")
+    if abs(rs - sharded) > TOLERANCE * sharded:
+        findings.append(
+            f"note: XLA reduce-scatters {rs:,} gradient elements rather than {sharded:,}; it reduces the rest "
+            "through the all-reduce / all-to-all / collective-permute traffic above (its choice at this "
+            "activation size)"
+        )
+    return CollectiveCheck("sharded (fsdp)", ok, expected, found, tuple(findings))
