@@ -98,18 +98,48 @@ def test_depthwise_forms_have_the_same_gradients(size, channels):
     np.testing.assert_allclose(np.asarray(dk_b), np.asarray(dk_a), rtol=0, atol=1e-5 * float(jnp.abs(dk_a).max()))
 
 
-def test_models_with_either_depthwise_form_compute_the_same_logits():
-    grouped = mambaout_jax.create_model("test_mambaout", dw_conv_impl="grouped", seed=1)
-    shift = model_from_params("test_mambaout", get_params(grouped), num_classes=1000, dw_conv_impl="shift")
+@pytest.mark.parametrize("size,stride,padding", [(56, 2, 1), (15, 2, 1), (9, 1, 1)])
+def test_dense_conv_as_im2col_matmul_equals_xla_convolution_and_its_gradients(size, stride, padding):
+    from mambaout_jax.models.layers import conv_im2col
+
+    kx, kk, kg = jax.random.split(jax.random.key(size), 3)
+    x = jax.random.normal(kx, (2, size, size, 6))
+    k = jax.random.normal(kk, (3, 3, 6, 10))
+
+    def xla(x, k):
+        pad = ((padding, padding), (padding, padding))
+        return jax.lax.conv_general_dilated(x, k, (stride, stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    def im2col(x, k):
+        return conv_im2col(x, k, stride, padding)
+
+    with jax.default_matmul_precision("highest"):
+        ya, vjp_a = jax.vjp(xla, x, k)
+        yb, vjp_b = jax.vjp(im2col, x, k)
+        g = jax.random.normal(kg, ya.shape)
+        grads_a, grads_b = vjp_a(g), vjp_b(g)
+    assert ya.shape == yb.shape
+    for a, b in [(ya, yb), *zip(grads_a, grads_b)]:
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
+
+
+def test_models_with_either_conv_forms_compute_the_same_logits():
+    grouped = mambaout_jax.create_model("test_mambaout", dw_conv_impl="grouped", conv_impl="xla", seed=1)
+    shift = model_from_params(
+        "test_mambaout", get_params(grouped), num_classes=1000, dw_conv_impl="shift", conv_impl="im2col"
+    )
     assert grouped.stages[0].blocks[0].conv.impl == "grouped" and shift.stages[0].blocks[0].conv.impl == "shift"
+    assert grouped.stem.conv1.impl == "xla" and shift.stem.conv1.impl == "im2col"
     x = np.random.default_rng(0).standard_normal((2, 64, 64, 3), dtype=np.float32)
     a, b = flax_forward(grouped, x), flax_forward(shift, x)
     assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
 
 
-def test_auto_depthwise_form_follows_backend():
-    from mambaout_jax.models.layers import resolve_depthwise_impl
+def test_auto_conv_forms_follow_backend():
+    from mambaout_jax.models.layers import resolve_conv_impl, resolve_depthwise_impl
 
+    assert resolve_conv_impl("auto", "cpu") == "im2col"
+    assert resolve_conv_impl("auto", "tpu") == resolve_conv_impl("auto", "gpu") == "xla"
     assert resolve_depthwise_impl("auto", "cpu") == "shift"
     assert resolve_depthwise_impl("auto", "tpu") == "grouped"
     assert resolve_depthwise_impl("auto", "gpu") == "grouped"

@@ -12,13 +12,23 @@ import jax.numpy as jnp
 from flax import nnx
 
 from mambaout_jax.models.complexity import compute_cost
-from mambaout_jax.models.layers import DepthwiseImpl
+from mambaout_jax.models.layers import ConvImpl, DepthwiseImpl
 from mambaout_jax.models.mambaout import MambaOut
 from mambaout_jax.models.params import param_shapes, set_params
 from mambaout_jax.models.registry import PAPER_MODELS, get_model_spec, list_models  # noqa: F401  (re-export)
 
 
-def _build(name: str, num_classes: int, *, drop_path_rate=0.0, drop_rate=0.0, dtype=jnp.float32, dw_conv_impl="auto", rngs):
+def _build(
+    name: str,
+    num_classes: int,
+    *,
+    drop_path_rate=0.0,
+    drop_rate=0.0,
+    dtype=jnp.float32,
+    dw_conv_impl="auto",
+    conv_impl="auto",
+    rngs,
+):
     spec = get_model_spec(name)
     return MambaOut(
         spec.config,
@@ -27,6 +37,7 @@ def _build(name: str, num_classes: int, *, drop_path_rate=0.0, drop_rate=0.0, dt
         drop_rate=drop_rate,
         dtype=dtype,
         dw_conv_impl=dw_conv_impl,
+        conv_impl=conv_impl,
         rngs=rngs,
     )
 
@@ -40,6 +51,7 @@ def create_model(
     drop_rate: float = 0.0,
     dtype=jnp.float32,
     dw_conv_impl: DepthwiseImpl = "auto",
+    conv_impl: ConvImpl = "auto",
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
 ) -> MambaOut:
@@ -54,11 +66,14 @@ def create_model(
         to the checkpoint's when ``pretrained`` is given, else to the variant's (1000).
       dtype: compute dtype (``jnp.bfloat16`` on TPU/GPU); parameters stay float32.
       dw_conv_impl: depthwise conv form: 'grouped', 'shift', or 'auto' (by backend).
+      conv_impl: dense (stem, downsample) conv form: 'xla', 'im2col', or 'auto' (by backend).
 
     ``model.train()`` enables drop path / dropout; then call ``model(x, key)`` with a PRNG key.
     """
     spec = get_model_spec(name)
-    options = dict(drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl)
+    options = dict(
+        drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl, conv_impl=conv_impl
+    )
     if pretrained is not None:
         from mambaout_jax.convert import load_pretrained
 
@@ -81,11 +96,13 @@ def model_from_params(
     drop_rate: float = 0.0,
     dtype=jnp.float32,
     dw_conv_impl: DepthwiseImpl = "auto",
+    conv_impl: ConvImpl = "auto",
 ) -> MambaOut:
     """A model holding ``params`` (flat contract dict, strictly checked), without drawing random weights."""
     build = functools.partial(
         _build, get_model_spec(name).name, num_classes,
         drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl,
+        conv_impl=conv_impl,
     )
     model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
     set_params(model, params)
@@ -116,7 +133,7 @@ def _jit_init(build, rngs: nnx.Rngs) -> MambaOut:
 @functools.lru_cache(maxsize=64)
 def model_param_shapes(name: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Contract path -> shape of a variant, without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: _build(name, num_classes, dw_conv_impl="grouped", rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: _build(name, num_classes, dw_conv_impl="grouped", conv_impl="xla", rngs=nnx.Rngs(0)))
     return param_shapes(abstract)
 
 

@@ -80,6 +80,39 @@ class Linear(nnx.Module):
         return y + self.bias[...].astype(self.dtype)
 
 
+ConvImpl = Literal["auto", "xla", "im2col"]
+CONV_IMPLS = ("auto", "xla", "im2col")
+
+
+def resolve_conv_impl(impl: ConvImpl, backend: str | None = None) -> str:
+    """'auto': im2col + matmul on CPU, XLA's convolution elsewhere.
+
+    XLA:CPU hands its dot products to a fast library but, inside a loop (gradient accumulation,
+    micro-batched inference), runs convolutions through a slow generic emitter: a femto train step
+    spent most of its time in the five dense stride-2 convolutions. As one matmul over 9 strided
+    slices they are dots like every other layer.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"unknown dense conv impl {impl!r}; expected one of {CONV_IMPLS}")
+    if impl != "auto":
+        return impl
+    return "im2col" if (backend or jax.default_backend()) == "cpu" else "xla"
+
+
+def conv_im2col(x: jax.Array, kernel: jax.Array, stride: int, padding: int) -> jax.Array:
+    """A dense convolution (NHWC, HWIO kernel) as one matmul over k*k strided slices of x."""
+    k, _, cin, cout = kernel.shape
+    _, h, w, _ = x.shape
+    ho = (h + 2 * padding - k) // stride + 1
+    wo = (w + 2 * padding - k) // stride + 1
+    xp = jnp.pad(x, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    span_h, span_w = stride * (ho - 1) + 1, stride * (wo - 1) + 1
+    patches = jnp.concatenate(
+        [xp[:, i : i + span_h : stride, j : j + span_w : stride, :] for i in range(k) for j in range(k)], axis=-1
+    )  # channel order (i, j, cin) matches the HWIO kernel flattened
+    return jnp.dot(patches, kernel.reshape(k * k * cin, cout))
+
+
 class Conv2d(nnx.Module):
     """Dense 3x3 convolution, NHWC/HWIO, with symmetric padding.
 
@@ -95,6 +128,7 @@ class Conv2d(nnx.Module):
         kernel_size: int = 3,
         stride: int = 2,
         padding: int = 1,
+        impl: ConvImpl = "auto",
         dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -102,19 +136,22 @@ class Conv2d(nnx.Module):
         self.out_features = out_features
         self.stride = stride
         self.padding = padding
+        self.impl = resolve_conv_impl(impl)
         self.dtype = dtype
         shape = (kernel_size, kernel_size, in_features, out_features)
         self.kernel = nnx.Param(trunc_normal_init()(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((out_features,), jnp.float32))
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype),
-            self.kernel[...].astype(self.dtype),
-            window_strides=(self.stride, self.stride),
-            padding=((self.padding, self.padding), (self.padding, self.padding)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
-        )
+        x = x.astype(self.dtype)
+        kernel = self.kernel[...].astype(self.dtype)
+        if self.impl == "im2col":
+            y = conv_im2col(x, kernel, self.stride, self.padding)
+        else:
+            pad = ((self.padding, self.padding), (self.padding, self.padding))
+            y = jax.lax.conv_general_dilated(
+                x, kernel, (self.stride, self.stride), pad, dimension_numbers=("NHWC", "HWIO", "NHWC")
+            )
         return y + self.bias[...].astype(self.dtype)
 
 

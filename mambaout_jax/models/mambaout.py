@@ -17,6 +17,7 @@ from flax import nnx
 
 from mambaout_jax.models.layers import (
     Conv2d,
+    ConvImpl,
     DepthwiseConv2d,
     DepthwiseImpl,
     DropPath,
@@ -77,11 +78,13 @@ def drop_path_rates(rate: float, depths: Sequence[int]) -> list[list[float]]:
 class Stem(nnx.Module):
     """conv3x3/2 -> [LN] -> act -> conv3x3/2 -> LN: 224 -> 56, 3 -> dims[0] channels."""
 
-    def __init__(self, in_chans: int, out_chans: int, *, mid_norm: bool, act: str, dtype, rngs: nnx.Rngs):
-        self.conv1 = Conv2d(in_chans, out_chans // 2, dtype=dtype, rngs=rngs)
+    def __init__(
+        self, in_chans: int, out_chans: int, *, mid_norm: bool, act: str, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs
+    ):
+        self.conv1 = Conv2d(in_chans, out_chans // 2, impl=conv_impl, dtype=dtype, rngs=rngs)
         self.norm1 = LayerNorm(out_chans // 2, dtype=dtype) if mid_norm else None
         self.act = get_activation(act)
-        self.conv2 = Conv2d(out_chans // 2, out_chans, dtype=dtype, rngs=rngs)
+        self.conv2 = Conv2d(out_chans // 2, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
         self.norm2 = LayerNorm(out_chans, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -95,8 +98,8 @@ class Stem(nnx.Module):
 class Downsample(nnx.Module):
     """Paper variants: conv3x3/2 then LN over the new channels."""
 
-    def __init__(self, in_chans: int, out_chans: int, *, dtype, rngs: nnx.Rngs):
-        self.conv = Conv2d(in_chans, out_chans, dtype=dtype, rngs=rngs)
+    def __init__(self, in_chans: int, out_chans: int, *, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs):
+        self.conv = Conv2d(in_chans, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
         self.norm = LayerNorm(out_chans, dtype=dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -106,9 +109,9 @@ class Downsample(nnx.Module):
 class DownsampleNormFirst(nnx.Module):
     """``_rw`` variants: LN over the incoming channels, then conv3x3/2."""
 
-    def __init__(self, in_chans: int, out_chans: int, *, dtype, rngs: nnx.Rngs):
+    def __init__(self, in_chans: int, out_chans: int, *, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs):
         self.norm = LayerNorm(in_chans, dtype=dtype)
-        self.conv = Conv2d(in_chans, out_chans, dtype=dtype, rngs=rngs)
+        self.conv = Conv2d(in_chans, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.conv(self.norm(x))
@@ -166,12 +169,13 @@ class MambaOutStage(nnx.Module):
         downsample: bool,
         drop_path: Sequence[float],
         dw_impl: DepthwiseImpl,
+        conv_impl: ConvImpl,
         dtype,
         rngs: nnx.Rngs,
     ):
         if downsample:
             cls = Downsample if config.downsample == "conv" else DownsampleNormFirst
-            self.downsample = cls(in_dim, dim, dtype=dtype, rngs=rngs)
+            self.downsample = cls(in_dim, dim, conv_impl=conv_impl, dtype=dtype, rngs=rngs)
         else:
             if in_dim != dim:
                 raise ValueError(f"a stage without downsample keeps its width, got {in_dim} -> {dim}")
@@ -238,6 +242,8 @@ class MlpHead(nnx.Module):
 class MambaOut(nnx.Module):
     """MambaOut image classifier on NHWC float input (already normalised).
 
+    ``dw_conv_impl`` and ``conv_impl`` choose how the depthwise and the dense (stem, downsample)
+    convolutions are computed; 'auto' picks by backend, every form computes the same numbers.
     The model is built in inference mode. ``model.train()`` switches on drop path and head dropout
     (then ``model(x, key=...)`` needs a PRNG key); ``model.eval()`` switches them off again.
     Outputs are float32 whatever the compute ``dtype``.
@@ -253,6 +259,7 @@ class MambaOut(nnx.Module):
         drop_rate: float = 0.0,
         dtype=jnp.float32,
         dw_conv_impl: DepthwiseImpl = "auto",
+        conv_impl: ConvImpl = "auto",
         rngs: nnx.Rngs,
     ):
         if num_classes < 0:
@@ -261,7 +268,13 @@ class MambaOut(nnx.Module):
         self.num_classes = num_classes
         self.dtype = dtype
         self.stem = Stem(
-            in_chans, config.dims[0], mid_norm=config.stem_mid_norm, act=config.act, dtype=dtype, rngs=rngs
+            in_chans,
+            config.dims[0],
+            mid_norm=config.stem_mid_norm,
+            act=config.act,
+            conv_impl=conv_impl,
+            dtype=dtype,
+            rngs=rngs,
         )
         dp_rates = drop_path_rates(drop_path_rate, config.depths)
         stages, prev = [], config.dims[0]
@@ -275,6 +288,7 @@ class MambaOut(nnx.Module):
                     downsample=s > 0,
                     drop_path=dp_rates[s],
                     dw_impl=dw_conv_impl,
+                    conv_impl=conv_impl,
                     dtype=dtype,
                     rngs=rngs,
                 )

@@ -18,6 +18,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from mambaout_jax.models.factory import _build, model_param_shapes
+from mambaout_jax.models.layers import resolve_conv_impl, resolve_depthwise_impl
 from mambaout_jax.models.registry import get_model_spec
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.optim import lr_schedule, make_optimizer
@@ -71,8 +72,11 @@ def build_eval_program(
     sharding: str = "data_parallel",
 ) -> EvalProgram:
     spec = get_model_spec(model)
+    dw_impl, conv_impl = conv_impls_for(mesh, dw_conv_impl)
     module = nnx.eval_shape(
-        lambda: _build(spec.name, num_classes, dtype=compute_dtype, dw_conv_impl=dw_conv_impl, rngs=nnx.Rngs(0))
+        lambda: _build(
+            spec.name, num_classes, dtype=compute_dtype, dw_conv_impl=dw_impl, conv_impl=conv_impl, rngs=nnx.Rngs(0)
+        )
     )
     shapes = model_param_shapes(spec.name, num_classes)
     p_shard = mesh_lib.param_shardings(shapes, mesh, sharding)
@@ -128,15 +132,27 @@ class TrainProgram:
         return jax.jit(self._init_state, out_shardings=self.state_shardings)(params)
 
 
-def build_model(config, *, dw_conv_impl: str | None = None):
+def conv_impls_for(mesh: Mesh, dw_conv_impl: str = "auto") -> tuple[str, str]:
+    """The convolution forms for the devices of ``mesh`` ('auto' resolved by *their* platform).
+
+    The mesh's platform, not the host's default backend, decides: a TPU slice planned from a CPU
+    host gets the TPU forms.
+    """
+    platform = mesh.devices.flat[0].platform
+    return resolve_depthwise_impl(dw_conv_impl, platform), resolve_conv_impl("auto", platform)
+
+
+def build_model(config, mesh: Mesh, *, dw_conv_impl: str | None = None):
     """The NNX model of a config (random init happens separately; here only the graph matters)."""
+    dw_impl, conv_impl = conv_impls_for(mesh, dw_conv_impl or config.dw_conv_impl)
     return nnx.eval_shape(
         lambda: _build(
             config.model,
             config.num_classes,
             drop_path_rate=config.drop_path_rate,
             dtype=compute_dtype(config),
-            dw_conv_impl=dw_conv_impl or config.dw_conv_impl,
+            dw_conv_impl=dw_impl,
+            conv_impl=conv_impl,
             rngs=nnx.Rngs(0),
         )
     )
@@ -153,7 +169,7 @@ def build_program(
     dtype = compute_dtype(config)
     ev = eval_settings(config)
 
-    model = build_model(config, dw_conv_impl=dw_conv_impl)
+    model = build_model(config, mesh, dw_conv_impl=dw_conv_impl)
     shapes = model_param_shapes(get_model_spec(config.model).name, config.num_classes)
     schedule = lr_schedule(
         base_lr=config.lr,
