@@ -2,7 +2,7 @@
 
   python -m mambaout_jax.plan --config configs/mambaout_tiny.py --topology v5e:16x16
   python -m mambaout_jax.plan --config configs/mambaout_base.py --topology v5p-128 \\
-      --config.batch_size=2048 --search-batch --json base_v5p.json
+      --config.grad_accum_steps=2 --search-batch --json base_v5p.json
 
 Compiles train.py's own train and eval steps for the slice (libtpu, compile-only) and prints
 per-chip memory against HBM, FLOPs, every collective and a roofline bound on speed. Exit status:
@@ -86,7 +86,11 @@ def main(argv) -> int:
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
-    """absl's parsing, with a bad ``--config.<field>`` override as a one-line error (exit 2)."""
+    """absl's parsing, with a bad ``--config.<field>`` override as a one-line error (exit 2).
+
+    The planner's own flags take dashes or underscores (``--search-batch`` = ``--search_batch``).
+    """
+    argv = [_underscored(a) if a.startswith("--") and not a.startswith("--config") else a for a in argv]
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:  # a missing --topology, a config file that does not load, ...
@@ -96,6 +100,11 @@ def _parse_flags(argv: list[str]) -> list[str]:
         message = str(e.args[0] if e.args else e).replace("\\'", "'").replace("\\n", " ").replace("\n", " ").strip("'")
         print(f"error: bad --config override: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def _underscored(arg: str) -> str:
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@
 Why parse text: the compiled executable exposes its HLO only as text (``compiled.as_text()``), and
 that text is the program the TPU runs after SPMD partitioning, combining and scheduling, so what is
 counted here is what would cross the interconnect. Each collective is counted as often as it
-executes: an instruction inside a ``while`` body counts ``known_trip_count`` times (gradient
-accumulation is a ``while``), and one inside a loop whose trip count XLA does not know (a rejection
-sampler) is flagged, counted once per loop iteration.
+executes: an instruction inside a ``while`` loop counts as many times as the loop runs -- XLA's
+``known_trip_count`` when it is annotated, else ``N`` when the loop condition is ``i < N`` on a
+loop-carried counter (JAX's scan and fori_loop count from 0; gradient accumulation is such a scan,
+and the TPU compiler does not annotate it). One inside a loop whose trip count is data-dependent (a
+rejection sampler) is flagged and counted once per loop iteration.
 
 Forms handled: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``collective-permute``,
 ``all-to-all``, ``collective-broadcast``, ``ragged-all-to-all``, their ``-start``/``-done`` async
@@ -134,8 +136,14 @@ def _payload(kind: str, opcode: str, arrays: list[Array], group: int | None) -> 
 class _Computation:
     name: str
     entry: bool
-    calls: list[tuple[str, int | None]] = dataclasses.field(default_factory=list)  # (callee, trip count)
+    # (callee, trip count, while condition): trip count None = unknown so far
+    calls: list[tuple[str, int | None, str | None]] = dataclasses.field(default_factory=list)
     collectives: list[tuple[str, str, tuple[Array, ...], int | None]] = dataclasses.field(default_factory=list)
+    int_constants: dict[str, int] = dataclasses.field(default_factory=dict)
+    tuple_elements: set[str] = dataclasses.field(default_factory=set)  # get-tuple-element results
+    # N when this computation is a loop condition `i < N` on a loop-carried counter: JAX's scan and
+    # fori_loop count i from 0, so such a loop runs N times.
+    counted_limit: int | None = None
 
 
 def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
@@ -155,18 +163,31 @@ def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
         if not inst:
             continue
         name, shape_text, opcode, rest = inst.groups()
+        if opcode == "constant":
+            m = re.match(r"(-?\d+)\)", rest)
+            if m and re.match(r"\s*[su]\d+\[\]", shape_text):
+                current.int_constants[name] = int(m.group(1))
+        elif opcode == "get-tuple-element":
+            current.tuple_elements.add(name)
+        elif opcode == "compare" and line.lstrip().startswith("ROOT") and "direction=LT" in rest:
+            operands = re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0])
+            if len(operands) == 2 and operands[0] in current.tuple_elements and operands[1] in current.int_constants:
+                current.counted_limit = current.int_constants[operands[1]]
         if opcode.endswith("-done") or opcode == "async-update":
             continue  # the matching -start is counted; following -done's calls= would count twice
-        trips = None
         if opcode == "while":
             m = _TRIP_COUNT.search(rest)
             trips = int(m.group(1)) if m else None
-        for _, callee in _CALLEE.findall(rest):
-            current.calls.append((callee, trips if opcode == "while" else 1))
+            condition = re.search(r"\bcondition=%?([^\s,}]+)", rest)
+            for _, callee in _CALLEE.findall(rest):
+                current.calls.append((callee, trips, condition.group(1) if condition else None))
+        else:
+            for _, callee in _CALLEE.findall(rest):
+                current.calls.append((callee, 1, None))
         if opcode == "call":  # a call's callee is its to_apply (elsewhere to_apply is a reducer)
-            current.calls.extend((callee, 1) for callee in _TO_APPLY.findall(rest))
+            current.calls.extend((callee, 1, None) for callee in _TO_APPLY.findall(rest))
         for branches in _BRANCHES.findall(rest):
-            current.calls.extend((b.strip().lstrip("%"), 1) for b in branches.split(",") if b.strip())
+            current.calls.extend((b.strip().lstrip("%"), 1, None) for b in branches.split(",") if b.strip())
         if opcode in _OPCODES:
             kind = _OPCODES[opcode]
             group = _group_size(rest)
@@ -183,7 +204,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
     # Executions of each computation per run of the entry, callers before callees (Kahn's order).
     callers = defaultdict(int)
     for comp in comps.values():
-        for callee, _ in comp.calls:
+        for callee, _, _ in comp.calls:
             if callee in comps:
                 callers[callee] += 1
     runs: dict[str, int] = defaultdict(int)
@@ -193,9 +214,11 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
         runs[c] = 1
     while ready:
         name = ready.pop()
-        for callee, trips in comps[name].calls:
+        for callee, trips, condition in comps[name].calls:
             if callee not in comps:
                 continue
+            if trips is None and condition in comps:
+                trips = comps[condition].counted_limit
             runs[callee] += runs[name] * (trips or 1)
             unknown[callee] |= unknown[name] or trips is None
             callers[callee] -= 1

@@ -39,22 +39,28 @@ def parse_size(number: str, unit: str) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryUse:
-    """Per-chip HBM of one executable, from ``compiled.memory_analysis()``."""
+    """Per-chip HBM of one executable, from ``compiled.memory_analysis()``.
 
+    ``peak`` is the figure the TPU compiler holds against its HBM limit: a program compiles when its
+    peak fits and is refused ("required ... exceeds available HBM") when it does not -- measured by
+    compiling programs of known argument and temporary sizes on both sides of the 15.75 GiB v5e
+    limit. It is arguments + live temporaries at the worst moment; ``temporaries`` is the size of the
+    temporary allocation (reported as 0 for programs with while loops, e.g. gradient accumulation),
+    so the sum of the parts is not the peak.
+    """
+
+    peak: int  # what must fit: the compiler's limit applies to this
     arguments: int  # inputs: train state shard + batch shard
     outputs: int
     aliased: int  # outputs written in place of donated arguments (the train state)
     temporaries: int  # activations, gradients, workspace
-    generated_code: int  # the program itself lives in HBM too
-
-    @property
-    def total(self) -> int:
-        return self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+    generated_code: int  # the program itself
 
     @classmethod
     def from_compiled(cls, compiled) -> MemoryUse:
         m = compiled.memory_analysis()
         return cls(
+            peak=int(m.peak_memory_in_bytes),
             arguments=int(m.argument_size_in_bytes),
             outputs=int(m.output_size_in_bytes),
             aliased=int(m.alias_size_in_bytes),
@@ -70,7 +76,7 @@ class StepCompile:
     fits: bool
     compile_seconds: float
     memory: MemoryUse | None = None  # when it fits
-    required_bytes: int | None = None  # when it does not: the compiler's figures
+    required_bytes: int | None = None  # when it does not: the compiler's figures (peak, as above)
     available_bytes: int | None = None
     compiler_message: str = ""
     flops: float | None = None  # XLA's count; loop bodies counted once (see ``loop_trip_counts``)

@@ -344,7 +344,7 @@ def plan_training(
         def fits_at(per_chip: int) -> tuple[bool, int | None]:
             bigger = build_topology_program(with_per_chip_batch(config, per_chip, topology.num_chips), topology)
             step = compile_train(bigger, topology).compiled
-            used = step.memory.total if step.fits else step.required_bytes
+            used = step.memory.peak if step.fits else step.required_bytes
             verdict = "fits" if step.fits else "does not fit"
             memory = "?" if used is None else f"{used / 2**30:.2f} GiB"
             log(f"  per-chip batch {per_chip}: {verdict} ({memory}, {step.compile_seconds:.0f} s)")
@@ -352,7 +352,7 @@ def plan_training(
 
         log("searching the largest per-chip batch that fits ...")
         done = train.compiled  # the configured batch is compiled already
-        known = {train.per_chip_batch: (done.fits, done.memory.total if done.fits else done.required_bytes)}
+        known = {train.per_chip_batch: (done.fits, done.memory.peak if done.fits else done.required_bytes)}
         search = search_largest_batch(
             lambda b: known[b] if b in known else fits_at(b), train.per_chip_batch, hbm_limit, max_batch=max_batch
         )

@@ -50,8 +50,6 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
         if source is None:
             continue
         compiled = out[step]["compiled"]
-        if source.compiled.memory is not None:
-            compiled["memory"]["total"] = source.compiled.memory.total
         for c, obj in zip(compiled["collectives"], source.compiled.collectives):
             c.update(bytes=obj.bytes, elements=obj.elements)
     out["imagenet_train_images"] = IMAGENET_TRAIN_IMAGES
@@ -61,18 +59,19 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
 def _memory_lines(step: StepPlan, hbm_limit: int) -> list[str]:
     c = step.compiled
     if not c.fits:
-        needed = f"needs {_gib(c.required_bytes)} of temporaries" if c.required_bytes else "the compiler ran out of HBM"
+        needed = f"needs {_gib(c.required_bytes)}" if c.required_bytes else "the compiler ran out of HBM"
         return [
             f"  DOES NOT FIT: {needed}; {_gib(c.available_bytes or hbm_limit)} available per chip",
             f"  compiler: {c.compiler_message.splitlines()[0][:300]}",
         ]
     m = c.memory
     return [
-        f"  arguments       {_gib(m.arguments):>12}",
-        f"  outputs         {_gib(m.outputs - m.aliased):>12}   (+{_gib(m.aliased)} written in place of donated arguments)",
-        f"  temporaries     {_gib(m.temporaries):>12}",
+        f"  peak            {_gib(m.peak):>12}   {m.peak / hbm_limit:.0%} of {_gib(hbm_limit)} -> fits"
+        "   (the compiler's figure, held against its limit)",
+        f"    arguments     {_gib(m.arguments):>12}   train state and batch shards",
+        f"    temporaries   {_gib(m.temporaries):>12}   temporary allocation (0 when the step has loops)",
+        f"    outputs       {_gib(m.outputs - m.aliased):>12}   (+{_gib(m.aliased)} written in place of donated arguments)",
         f"  generated code  {_gib(m.generated_code):>12}",
-        f"  total           {_gib(m.total):>12}   {m.total / hbm_limit:.0%} of {_gib(hbm_limit)} -> fits",
     ]
 
 
@@ -95,7 +94,7 @@ def format_plan(plan: Plan) -> str:
     ]
     if plan.eval is not None:
         e = plan.eval
-        verdict = f"{_gib(e.compiled.memory.total)} -> fits" if e.compiled.fits else "DOES NOT FIT"
+        verdict = f"peak {_gib(e.compiled.memory.peak)} -> fits" if e.compiled.fits else "DOES NOT FIT"
         lines.append(f"eval step ({e.global_batch:,} global, {e.image_size}px): {verdict}")
         if not e.compiled.fits:
             lines += _memory_lines(e, plan.hbm_limit)

@@ -1,0 +1,361 @@
+"""TPU planning without a TPU: train.py's step compiled for pod slices by libtpu on this CPU.
+
+The compiling tests run the planner's command line in subprocesses (libtpu's compile-only TPU
+client stays out of this process, whose JAX has 8 simulated CPU devices), two at a time, once per
+module; each test then reads the plans they wrote. femto at 32px keeps a compile at ~20-30 s on
+two cores: the model graph, optimizer, shardings and collectives are the real ones, only the
+activations are small.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mambaout_jax.models.factory import model_info
+from mambaout_jax.plan.collectives import parse_collectives, summarize
+from mambaout_jax.plan.expectations import TOLERANCE
+from mambaout_jax.plan.planner import search_largest_batch
+from mambaout_jax.plan.topology import KNOWN_FORMS, TopologyError, parse_topology_name
+
+ROOT = Path(__file__).resolve().parents[1]
+FEMTO_PARAMS = model_info("mambaout_femto")["params"]
+GiB = 2**30
+
+SMALL_FEMTO = [
+    "--config", "configs/mambaout_femto.py", "--config.data.image_size=32", "--config.data.eval_image_size=32",
+]
+PLANS = {
+    # name: (topology, extra flags)
+    "v5e_2x2": ("v5e:2x2", ["--config.batch_size=32"]),  # with the eval step
+    "v4_2x2x1": ("v4:2x2x1", ["--config.batch_size=32", "--noeval"]),
+    "v5e_4x4_multihost": ("v5e:4x4", ["--config.batch_size=64", "--noeval"]),
+    "v5e_2x2_accum": ("v5e:2x2", ["--config.batch_size=64", "--config.grad_accum_steps=2", "--noeval"]),
+    "v5e_2x2_fsdp": ("v5e:2x2", ["--config.batch_size=32", "--config.sharding=fsdp", "--noeval"]),
+    # 262,144 images of 32px per chip: ~50 GiB of activations on a 16 GiB chip
+    "v5e_2x2_too_big": ("v5e:2x2", ["--config.batch_size=1048576", "--noeval"]),
+}
+DATA_PARALLEL = ("v5e_2x2", "v4_2x2x1", "v5e_4x4_multihost", "v5e_2x2_accum")
+
+
+def run_planner(*args: str, json_path: Path | None = None) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}  # the CLI's own defaults
+    cmd = [sys.executable, "-m", "mambaout_jax.plan", *args] + (["--json", str(json_path)] if json_path else [])
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def plans(tmp_path_factory) -> dict[str, dict]:
+    """Every plan of PLANS: {'returncode', 'stdout', 'stderr', 'json'}, compiled two at a time."""
+    out_dir = tmp_path_factory.mktemp("plans")
+
+    def one(name: str) -> tuple[str, dict]:
+        topology, extra = PLANS[name]
+        path = out_dir / f"{name}.json"
+        proc = run_planner(*SMALL_FEMTO, "--topology", topology, *extra, json_path=path)
+        plan = json.loads(path.read_text()) if path.exists() else None
+        return name, {"returncode": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "json": plan}
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(2, os.cpu_count() or 1))) as pool:
+        return dict(pool.map(one, PLANS))
+
+
+def ok_plan(plans: dict, name: str) -> dict:
+    result = plans[name]
+    assert result["returncode"] == 0, f"{name}: exit {result['returncode']}\n{result['stderr'][-3000:]}"
+    return result["json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiling for slices
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, chips, processes, kind, hbm_gib",
+    [
+        ("v5e_2x2", 4, 1, "TPU v5 lite", 15.75),
+        ("v4_2x2x1", 4, 1, "TPU v4", 30.75),  # megacore: one device per chip, as JAX shows a v4
+        ("v5e_4x4_multihost", 16, 4, "TPU v5 lite", 15.75),
+    ],
+)
+def test_femto_train_step_compiles_for_single_and_multi_host_slices(plans, name, chips, processes, kind, hbm_gib):
+    plan = ok_plan(plans, name)
+    topo = plan["topology"]
+    assert (topo["chips"], topo["processes"], topo["chip"]["device_kind"]) == (chips, processes, kind)
+    train = plan["train"]["compiled"]
+    assert train["fits"] and train["compiler_message"] == ""
+    assert plan["train"]["per_chip_batch"] * chips == plan["global_batch"]
+    assert plan["hbm_limit"] == pytest.approx(hbm_gib * GiB, rel=1e-3)  # the compiler's own limit
+    # the state must be on the chip: arguments hold at least the train state as sharded
+    assert train["memory"]["arguments"] >= plan["state_bytes_per_chip"] > 3 * FEMTO_PARAMS * 4 * 0.99
+    assert train["memory"]["arguments"] < train["memory"]["peak"] < plan["hbm_limit"]
+    # XLA's FLOPs are per chip and close to 3 x 2 x MACs (conv + linear) per image
+    assert 0.9 < plan["xla_train_flops_per_chip"] / plan["analytic_train_flops_per_chip"] < 1.5
+    r = plan["roofline"]
+    assert r["step_seconds"] == max(r["compute_seconds"], r["hbm_seconds"], r["ici_seconds"]) > 0
+    assert r["images_per_second"] == pytest.approx(plan["global_batch"] / r["step_seconds"])
+
+
+def test_eval_step_compiles_with_the_train_step(plans):
+    plan = ok_plan(plans, "v5e_2x2")
+    assert plan["eval"]["compiled"]["fits"] and plan["eval"]["image_size"] == 32
+    assert plan["eval"]["compiled"]["memory"]["peak"] < plan["train"]["compiled"]["memory"]["peak"]
+    assert ok_plan(plans, "v4_2x2x1")["eval"] is None  # --noeval
+
+
+@pytest.mark.parametrize("name", DATA_PARALLEL)
+def test_data_parallel_step_only_all_reduces_the_gradients_once(plans, name):
+    """The rule: the non-scalar all-reduced elements equal the parameter count within TOLERANCE
+    (1%), their bytes lie between params x 2 (bf16, the compute dtype) and params x 4 (float32),
+    and no other collective moves more than a scalar. Scalar all-reduces (loss; the predicate of
+    mixup's Beta rejection sampler) are expected."""
+    plan = ok_plan(plans, name)
+    collectives = plan["train"]["compiled"]["collectives"]
+    tensors = [c for c in collectives if any(a["shape"] for a in c["arrays"])]
+    assert {c["kind"] for c in tensors} == {"all-reduce"}
+    assert all(c["bytes"] <= 16 for c in collectives if c not in tensors)  # scalars only
+    elements = sum(a_elements(a) * c["executions"] for c in tensors for a in c["arrays"] if a["shape"])
+    nbytes = sum(c["bytes"] * c["executions"] for c in tensors)
+    assert abs(elements - FEMTO_PARAMS) <= TOLERANCE * FEMTO_PARAMS, (elements, FEMTO_PARAMS)
+    assert 2 * FEMTO_PARAMS * (1 - TOLERANCE) <= nbytes <= 4 * FEMTO_PARAMS * (1 + TOLERANCE)
+    check = plan["collective_check"]
+    assert check["ok"] and check["rule"] == "data parallel", check
+
+
+def a_elements(array: dict) -> int:
+    n = 1
+    for d in array["shape"]:
+        n *= d
+    return n
+
+
+def test_gradient_accumulation_all_reduces_once_per_step_and_counts_every_micro_step(plans):
+    plan = ok_plan(plans, "v5e_2x2_accum")
+    collectives = plan["train"]["compiled"]["collectives"]
+    gradients = [c for c in collectives if c["elements"] > 1000]
+    assert len(gradients) == 1 and gradients[0]["executions"] == 1  # hoisted out of the accumulation loop
+    loss = [c for c in collectives if c["elements"] == 1 and not c["in_unknown_loop"]]
+    assert loss and all(c["executions"] == 2 for c in loss)  # the loss, once per micro-step
+    # FLOPs of both micro-steps: about the same as one step over the same images
+    assert 0.9 < plan["xla_train_flops_per_chip"] / plan["analytic_train_flops_per_chip"] < 1.5
+    assert plan["train"]["per_chip_batch"] == 64 // 2 // 4
+
+
+def test_fsdp_cuts_per_chip_parameter_and_optimizer_memory_by_about_the_chip_count(plans):
+    dp, fsdp = ok_plan(plans, "v5e_2x2"), ok_plan(plans, "v5e_2x2_fsdp")
+    chips = fsdp["topology"]["chips"]
+    batch_bytes = fsdp["train"]["per_chip_batch"] * (32 * 32 * 3 + 4)  # uint8 images + int32 labels
+
+    def state_bytes(plan):  # compiled: arguments are the train state shard plus the batch shard
+        return plan["train"]["compiled"]["memory"]["arguments"] - batch_bytes
+
+    assert state_bytes(dp) >= 3 * FEMTO_PARAMS * 4  # params + Adam's two moments, replicated
+    assert state_bytes(dp) / state_bytes(fsdp) > 0.8 * chips, (state_bytes(dp), state_bytes(fsdp))
+    assert dp["state_bytes_per_chip"] / fsdp["state_bytes_per_chip"] > 0.9 * chips  # before layout padding
+    check = fsdp["collective_check"]
+    assert check["ok"] and check["rule"] == "sharded (fsdp)", check
+    kinds = fsdp["collective_summary"]
+    assert kinds["all-reduce"]["elements"] < 0.5 * FEMTO_PARAMS  # the gradients are not all-reduced in full ...
+    assert kinds["all-gather"]["elements"] > 0.5 * FEMTO_PARAMS  # ... most weights are gathered where used
+
+
+def test_batch_that_cannot_fit_is_reported_with_the_compilers_numbers(plans):
+    result = plans["v5e_2x2_too_big"]
+    assert result["returncode"] == 1, result["stderr"][-3000:]
+    assert "Traceback" not in result["stderr"]
+    train = result["json"]["train"]["compiled"]
+    assert train["fits"] is False and train["memory"] is None
+    assert train["available_bytes"] == pytest.approx(15.75 * GiB, rel=1e-3)
+    assert train["required_bytes"] > 2 * train["available_bytes"]
+    assert "DOES NOT FIT" in result["stdout"] and "15.75 GiB available per chip" in result["stdout"]
+    assert "RESOURCE_EXHAUSTED" in result["stdout"]
+
+
+def test_global_batch_not_divisible_by_the_chip_count_is_the_projects_error():
+    result = run_planner(*SMALL_FEMTO, "--topology", "v5e:4x4", "--config.batch_size=4100")
+    assert result.returncode == 2
+    assert "must divide by the number of devices (16)" in result.stderr and "batch_size=4096" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_topology_is_a_clear_error_listing_the_known_forms():
+    result = run_planner(*SMALL_FEMTO, "--topology", "v9:4x4")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown TPU generation in 'v9:4x4'" in result.stderr
+    for form in ("v5e:16x16", "v4:2x2x4", "v5p:4x4x4", "v6e:16x16", "v4-32", "v5e-256", "v5p-128", "v6e-256"):
+        assert form in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Topology names (no libtpu needed)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("v5e:16x16", ("v5e", "16x16")),
+        ("v5e-256", ("v5e", "16x16")),
+        ("v5litepod-16", ("v5e", "4x4")),
+        ("v4-32", ("v4", "2x2x4")),  # v4 types count TensorCores: 32 cores = 16 chips
+        ("v5p-128", ("v5p", "4x4x4")),
+        ("V6E-256", ("v6e", "16x16")),
+        ("v4:4x4x8", ("v4", "4x4x8")),
+    ],
+)
+def test_topology_and_accelerator_type_names(name, expected):
+    assert parse_topology_name(name) == expected
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("v9:4x4", "unknown TPU generation"),
+        ("v3-8", "unknown TPU generation"),
+        ("tpu", "cannot read TPU topology"),
+        ("v5e-3", "no default slice shape for 'v5e-3'"),
+        ("v4-33", "no default slice shape"),
+        ("v5e:2x2x1", "v5e slices are 2-D"),
+        ("v5p:4x4", "v5p slices are 3-D"),
+    ],
+)
+def test_bad_topology_names_say_what_is_accepted(name, message):
+    with pytest.raises(TopologyError, match=message) as e:
+        parse_topology_name(name)
+    assert "no default slice shape" in str(e.value) or KNOWN_FORMS in str(e.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading collectives from HLO text
+# ---------------------------------------------------------------------------------------------
+
+SYNTHETIC_HLO = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a, %b)
+}
+
+%rs_wrapped (p: f32[64,8]) -> f32[16,8] {
+  %p = f32[64,8]{1,0} parameter(0)
+  ROOT %reduce-scatter.3 = f32[16,8]{1,0:T(8,128)} reduce-scatter(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+}
+
+%body (param: (s32[], bf16[1024])) -> (s32[], bf16[1024]) {
+  %param = (s32[], bf16[1024]{0}) parameter(0)
+  %gte.0 = s32[] get-tuple-element(%param), index=0
+  %gte.1 = bf16[1024]{0} get-tuple-element(%param), index=1
+  %all-reduce.9 = bf16[1024]{0:T(1024)(128)(2,1)} all-reduce(%gte.1), channel_id=3, replica_groups={{0,1,2,3},{4,5,6,7}}, to_apply=%add
+  ROOT %tuple.2 = (s32[], bf16[1024]{0}) tuple(%gte.0, %all-reduce.9)
+}
+
+%cond (param.1: (s32[], bf16[1024])) -> pred[] {
+  %param.1 = (s32[], bf16[1024]{0}) parameter(0)
+  %constant.5 = s32[] constant(3)
+  %gte.2 = s32[] get-tuple-element(%param.1), index=0
+  ROOT %lt.1 = pred[] compare(%gte.2, %constant.5), direction=LT
+}
+
+%sampler_body (q: (f32[], pred[])) -> (f32[], pred[]) {
+  %q = (f32[], pred[]) parameter(0)
+  %gte.3 = f32[] get-tuple-element(%q), index=0
+  %all-reduce.11 = f32[]{:T(128)} all-reduce(%gte.3), channel_id=4, replica_groups=mesh['axis_0'=4,'axis_1'=2] {'axis_0'}, to_apply=%add
+  %gte.4 = pred[] get-tuple-element(%q), index=1
+  ROOT %tuple.3 = (f32[], pred[]) tuple(%all-reduce.11, %gte.4)
+}
+
+%sampler_cond (r: (f32[], pred[])) -> pred[] {
+  %r = (f32[], pred[]) parameter(0)
+  ROOT %gte.5 = pred[] get-tuple-element(%r), index=1
+}
+
+ENTRY %main (x: f32[128], y: bf16[8,16], z: f32[64,8]) -> f32[128] {
+  %x = f32[128]{0} parameter(0)
+  %y = bf16[8,16]{1,0} parameter(1)
+  %z = f32[64,8]{1,0} parameter(2)
+  %all-reduce.1 = (f32[128]{0:T(128)}, /*index=1*/bf16[8,16]{1,0:T(8,128)(2,1)}, f32[]{:T(128)}) all-reduce(%x, %y, %c), channel_id=1, replica_groups=[1,8]<=[8], to_apply=%add
+  %all-gather-start.1 = (bf16[8,16]{1,0}, bf16[64,16]{1,0}) all-gather-start(%y), channel_id=2, replica_groups=[1,8]<=[8], dimensions={0}
+  %all-gather-done.1 = bf16[64,16]{1,0} all-gather-done(%all-gather-start.1)
+  %collective-permute-start.1 = (f32[128]{0}, f32[128]{0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=5, source_target_pairs={{0,1},{1,2}}
+  %collective-permute-done.1 = f32[128]{0} collective-permute-done(%collective-permute-start.1)
+  %async-start.1 = ((f32[64,8]), f32[16,8], u32[]) async-start(%z), calls=%rs_wrapped
+  %async-done.1 = f32[16,8]{1,0} async-done(%async-start.1), calls=%rs_wrapped
+  %all-to-all.1 = f32[64,8]{1,0} all-to-all(%z), channel_id=6, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
+  %while.1 = (s32[], bf16[1024]{0}) while(%init), condition=%cond, body=%body
+  %while.2 = (s32[], bf16[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
+  %while.3 = (f32[], pred[]) while(%init2), condition=%sampler_cond, body=%sampler_body
+  ROOT %r = f32[128]{0} add(%collective-permute-done.1, %x)
+}
+"""
+
+
+def test_hlo_collectives_async_tuple_and_loop_forms_are_each_counted_as_executed():
+    cs = {c.name: c for c in parse_collectives(SYNTHETIC_HLO)}
+    assert set(cs) == {
+        "all-reduce.1", "all-gather-start.1", "collective-permute-start.1", "reduce-scatter.3", "all-to-all.1",
+        "all-reduce.9", "all-reduce.11",
+    }  # -done halves and the reducer are not collectives of their own
+    tuple_ar = cs["all-reduce.1"]
+    assert (tuple_ar.elements, tuple_ar.bytes, tuple_ar.group_size) == (128 + 128 + 1, 512 + 256 + 4, 8)
+    gather = cs["all-gather-start.1"]
+    assert (gather.kind, gather.bytes) == ("all-gather", 64 * 16 * 2)  # the gathered result, not the operand
+    permute = cs["collective-permute-start.1"]
+    assert (permute.kind, permute.bytes) == ("collective-permute", 512)
+    rs = cs["reduce-scatter.3"]
+    assert (rs.kind, rs.group_size, rs.bytes, rs.executions) == ("reduce-scatter", 4, 64 * 8 * 4, 1)  # full input
+    assert cs["all-to-all.1"].group_size == 8
+    # in %body: 3 runs from `i < 3` in the condition (no annotation) + 5 from known_trip_count
+    loop_ar = cs["all-reduce.9"]
+    assert (loop_ar.executions, loop_ar.in_unknown_loop, loop_ar.group_size) == (3 + 5, False, 4)
+    sampler = cs["all-reduce.11"]
+    assert (sampler.executions, sampler.in_unknown_loop, sampler.group_size) == (1, True, 4)
+
+    kinds = summarize(cs.values(), num_devices=8)
+    assert kinds["all-reduce"].count == 1 + 8 + 1
+    assert kinds["all-reduce"].bytes == (512 + 256 + 4) + 8 * 2048 + 4
+    # ring traffic per device: all-reduce 2(n-1)/n, all-gather (n-1)/n, permute once
+    assert kinds["all-gather"].wire_bytes == pytest.approx(64 * 16 * 2 * 7 / 8)
+    assert kinds["collective-permute"].wire_bytes == 512
+    assert kinds["all-reduce"].dtypes == {"f32": 128 + 1 + 1, "bf16": 128 + 8 * 1024}
+
+
+# ---------------------------------------------------------------------------------------------
+# Largest batch search (each probe stands for a compile)
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_model(fixed: float, per_example: float, limit: float, calls: list[int]):
+    def fits_at(b: int) -> tuple[bool, int]:
+        calls.append(b)
+        used = fixed + per_example * b
+        return used <= limit, int(used)
+
+    return fits_at
+
+
+@pytest.mark.parametrize("start", [1, 16, 300, 301, 4096])
+def test_batch_search_finds_the_largest_fitting_batch_in_few_compiles(start):
+    calls: list[int] = []
+    limit = 16 * GiB  # fits up to (16 GiB - 1 GiB) / 50 MiB = 307 per chip
+    result = search_largest_batch(memory_model(GiB, 50 * 2**20, limit, calls), start, limit)
+    largest = 307
+    assert result.largest_fitting <= largest < result.smallest_not_fitting
+    assert result.largest_fitting >= largest * (1 - 1 / 16)  # within the search's precision
+    assert len(calls) <= 6, calls
+    assert [b for b, _, _ in result.tried] == sorted(set(calls))
+
+
+def test_batch_search_reports_nothing_fits_and_stops_at_its_limit():
+    none_fit = search_largest_batch(memory_model(20 * GiB, 2**20, 16 * GiB, []), 16, 16 * GiB)
+    assert none_fit.largest_fitting is None and none_fit.smallest_not_fitting == 1
+    all_fit = search_largest_batch(memory_model(GiB, 1, 16 * GiB, []), 16, 16 * GiB, max_batch=4096)
+    assert all_fit.largest_fitting == 4096 and all_fit.smallest_not_fitting is None
