@@ -245,9 +245,9 @@ HloModule jit_step, entry_computation_layout={()->()}
   ROOT %add.1 = f32[] add(%a, %b)
 }
 
-%rs_wrapped (p: f32[64,8]) -> f32[16,8] {
+%rs_wrapped (p: f32[64,8]) -> f32[64,2] {
   %p = f32[64,8]{1,0} parameter(0)
-  ROOT %reduce-scatter.3 = f32[16,8]{1,0:T(8,128)} reduce-scatter(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={0}, to_apply=%add
+  ROOT %reduce-scatter.3 = f32[64,2]{1,0:T(8,128)} reduce-scatter(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={1}, to_apply=%add
 }
 
 %body (param: (s32[], bf16[1024])) -> (s32[], bf16[1024]) {
@@ -287,8 +287,8 @@ ENTRY %main (x: f32[128], y: bf16[8,16], z: f32[64,8]) -> f32[128] {
   %all-gather-done.1 = bf16[64,16]{1,0} all-gather-done(%all-gather-start.1)
   %collective-permute-start.1 = (f32[128]{0}, f32[128]{0}, u32[]{:S(2)}, u32[]{:S(2)}) collective-permute-start(%x), channel_id=5, source_target_pairs={{0,1},{1,2}}
   %collective-permute-done.1 = f32[128]{0} collective-permute-done(%collective-permute-start.1)
-  %async-start.1 = ((f32[64,8]), f32[16,8], u32[]) async-start(%z), calls=%rs_wrapped
-  %async-done.1 = f32[16,8]{1,0} async-done(%async-start.1), calls=%rs_wrapped
+  %async-start.1 = ((f32[64,8]), f32[64,2], u32[]) async-start(%z), calls=%rs_wrapped
+  %async-done.1 = f32[64,2]{1,0} async-done(%async-start.1), calls=%rs_wrapped
   %all-to-all.1 = f32[64,8]{1,0} all-to-all(%z), channel_id=6, replica_groups={{0,1,2,3,4,5,6,7}}, dimensions={0}
   %while.1 = (s32[], bf16[1024]{0}) while(%init), condition=%cond, body=%body
   %while.2 = (s32[], bf16[1024]{0}) while(%init), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"5"}}
@@ -311,7 +311,8 @@ def test_hlo_collectives_async_tuple_and_loop_forms_are_each_counted_as_executed
     permute = cs["collective-permute-start.1"]
     assert (permute.kind, permute.bytes) == ("collective-permute", 512)
     rs = cs["reduce-scatter.3"]
-    assert (rs.kind, rs.group_size, rs.bytes, rs.executions) == ("reduce-scatter", 4, 64 * 8 * 4, 1)  # full input
+    assert (rs.kind, rs.group_size, rs.executions) == ("reduce-scatter", 4, 1)
+    assert rs.arrays[0].shape == (64, 8) and rs.bytes == 64 * 8 * 4  # the full input, scattered along dim 1
     assert cs["all-to-all.1"].group_size == 8
     # in %body: 3 runs from `i < 3` in the condition (no annotation) + 5 from known_trip_count
     loop_ar = cs["all-reduce.9"]

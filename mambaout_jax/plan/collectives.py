@@ -76,7 +76,7 @@ class Collective:
     arrays: tuple[Array, ...]
     group_size: int | None  # devices per replica group; None when the text does not say
     executions: int  # per step (loop trip counts multiplied in)
-    in_unknown_loop: bool  # inside a while loop whose trip count XLA does not know
+    in_unknown_loop: bool  # inside a loop with a data-dependent trip count (counted once per iteration)
 
     @property
     def bytes(self) -> int:
@@ -121,14 +121,19 @@ def _group_size(attrs: str) -> int | None:
     return None
 
 
-def _payload(kind: str, opcode: str, arrays: list[Array], group: int | None) -> tuple[Array, ...]:
+def _payload(kind: str, opcode: str, arrays: list[Array], group: int | None, attrs: str) -> tuple[Array, ...]:
     """The full-size data of a collective from its result shape (see ``Collective``)."""
     if opcode == "all-gather-start":  # (operands..., results...): the gathered halves
         arrays = arrays[len(arrays) // 2 :]
     elif opcode == "collective-permute-start":  # (operand, result, u32 contexts...)
         arrays = arrays[1:2]
-    if kind == "reduce-scatter" and group:
-        arrays = [Array(a.dtype, (a.shape[0] * group,) + a.shape[1:]) if a.shape else a for a in arrays]
+    if kind == "reduce-scatter" and group:  # the result is one shard of the scattered dimension
+        m = re.search(r"dimensions=\{(\d+)\}", attrs)
+        dim = int(m.group(1)) if m else 0
+        arrays = [
+            Array(a.dtype, a.shape[:dim] + (a.shape[dim] * group,) + a.shape[dim + 1 :]) if len(a.shape) > dim else a
+            for a in arrays
+        ]
     return tuple(arrays)
 
 
@@ -191,7 +196,7 @@ def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
         if opcode in _OPCODES:
             kind = _OPCODES[opcode]
             group = _group_size(rest)
-            current.collectives.append((kind, name, _payload(kind, opcode, parse_arrays(shape_text), group), group))
+            current.collectives.append((kind, name, _payload(kind, opcode, parse_arrays(shape_text), group, rest), group))
     return comps
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -112,15 +112,15 @@ def abstract_eval_batch(program: TrainProgram, global_batch: int, image_size: in
 
 
 def build_topology_program(config, topology: Topology) -> TrainProgram:
-    """``train.py``'s program on the slice's devices, with the TPU-native depthwise convolution.
+    """``train.py``'s program on the slice's devices: ``build_program`` called as ``train()`` calls it.
 
-    ``dw_conv_impl="grouped"`` because "auto" decides by the *host* backend (CPU here), which
-    would pick the shift-and-add form that only pays off on CPU.
+    The convolution forms follow the mesh's platform ('auto' -> XLA's grouped depthwise and dense
+    convolutions on TPU), not this CPU host's.
     """
     mesh = mesh_lib.make_mesh(topology.devices)
     steps_per_epoch = max(1, IMAGENET_TRAIN_IMAGES // config.batch_size)
     mesh_lib.check_global_batch(eval_batch_size(config), mesh)  # as train() does, before compiling
-    return build_program(config, mesh, steps_per_epoch=steps_per_epoch, dw_conv_impl="grouped")
+    return build_program(config, mesh, steps_per_epoch=steps_per_epoch)
 
 
 def compile_train(program: TrainProgram, topology: Topology) -> StepPlan:

@@ -19,7 +19,6 @@ import contextlib
 import dataclasses
 import os
 import re
-import tempfile
 from typing import Any, Iterator
 
 from mambaout_jax.plan.chips import CHIPS, ChipSpec
@@ -107,7 +106,7 @@ def load_topology(name: str) -> Topology:
     from jax.experimental import topologies
 
     error = None
-    with _stderr_to_file() as log:
+    with _quiet_stderr():
         try:
             desc = topologies.get_topology_desc(
                 topology_name=canonical, platform="tpu", **_TOPOLOGY_OPTIONS.get(generation, {})
@@ -129,18 +128,18 @@ def load_topology(name: str) -> Topology:
 
 
 @contextlib.contextmanager
-def _stderr_to_file() -> Iterator[Any]:
-    """Divert the process's stderr (fd 2) while libtpu initialises.
+def _quiet_stderr() -> Iterator[None]:
+    """Silence the process's stderr (fd 2) while libtpu initialises.
 
-    libtpu looks for the TPU VM it runs on and logs a page of warnings and errors to stderr when
-    there is none ("could not determine TPU accelerator type", "unexpected worker hostname");
-    harmless for compiling, alarming to read.
+    libtpu looks for the TPU VM it runs on and, finding none, logs warnings and errors to stderr
+    ("could not determine TPU accelerator type", "unexpected worker hostname"): harmless for
+    compiling, alarming to read. A real failure still surfaces as the exception it raises.
     """
-    with tempfile.TemporaryFile(mode="w+") as log:
+    with open(os.devnull, "w") as devnull:
         saved = os.dup(2)
-        os.dup2(log.fileno(), 2)
+        os.dup2(devnull.fileno(), 2)
         try:
-            yield log
+            yield
         finally:
             os.dup2(saved, 2)
             os.close(saved)
