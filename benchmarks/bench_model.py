@@ -23,11 +23,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def _timed_rounds(fns: dict, rounds: int, iters: int) -> dict:
-    """Median seconds per call of each fn, alternating between fns every round."""
+def _timed_rounds(fns: dict, rounds: int, iters: int, settle: float = 2.0) -> dict:
+    """Median seconds per call of each fn, alternating between fns every round.
+
+    ``settle`` seconds of idleness before each measurement: both runtimes keep worker threads
+    spinning for a while after a call, which would otherwise steal the cores from the next one.
+    """
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
+            time.sleep(settle)
             start = time.perf_counter()
             for _ in range(iters):
                 fn()
