@@ -34,7 +34,7 @@ SMALL_FEMTO = [
 PLANS = {
     # name: (topology, extra flags)
     "v5e_2x2": ("v5e:2x2", ["--config.batch_size=32"]),  # with the eval step
-    "v4_2x2x1": ("v4:2x2x1", ["--config.batch_size=32", "--noeval"]),
+    "v4_2x2x1": ("v4:2x2x1", ["--config.batch_size=32", "--noeval", "--search-batch", "--max-batch=16"]),
     "v5e_4x4_multihost": ("v5e:4x4", ["--config.batch_size=64", "--noeval"]),
     "v5e_2x2_accum": ("v5e:2x2", ["--config.batch_size=64", "--config.grad_accum_steps=2", "--noeval"]),
     "v5e_2x2_fsdp": ("v5e:2x2", ["--config.batch_size=32", "--config.sharding=fsdp", "--noeval"]),
@@ -101,6 +101,16 @@ def test_femto_train_step_compiles_for_single_and_multi_host_slices(plans, name,
     r = plan["roofline"]
     assert r["step_seconds"] == max(r["compute_seconds"], r["hbm_seconds"], r["ici_seconds"]) > 0
     assert r["images_per_second"] == pytest.approx(plan["global_batch"] / r["step_seconds"])
+
+
+def test_batch_search_compiles_larger_batches_of_the_same_program(plans):
+    plan = ok_plan(plans, "v4_2x2x1")
+    search = plan["batch_search"]
+    (b0, fits0, peak0), (b1, fits1, peak1) = search["tried"]  # the configured 8 per chip, then the limit
+    assert (b0, b1, fits0, fits1) == (8, 16, True, True) and peak1 > peak0
+    assert peak0 == plan["train"]["compiled"]["memory"]["peak"]
+    assert (search["largest_fitting"], search["smallest_not_fitting"]) == (16, None)
+    assert "upper limit (--max-batch)" in plans["v4_2x2x1"]["stdout"]
 
 
 def test_eval_step_compiles_with_the_train_step(plans):

@@ -5,7 +5,7 @@
       --config.grad_accum_steps=2 --search-batch --json base_v5p.json
 
 Compiles train.py's own train and eval steps for the slice (libtpu, compile-only) and prints
-per-chip memory against HBM, FLOPs, every collective and a roofline bound on speed. Exit status:
+per-chip memory against HBM, FLOPs, every collective and a roofline estimate of speed. Exit status:
 0 the train step fits, 1 it does not (the plan is still printed), 2 bad config or topology.
 """
 
@@ -25,11 +25,15 @@ if "JAX_PLATFORMS" not in os.environ:
 def _config_root_on_path(argv: list[str]) -> None:
     """Config files import ``configs.common``: put the folder holding ``configs/`` on sys.path."""
     for i, arg in enumerate(argv):
-        path = arg.split("=", 1)[1] if arg.startswith("--config=") else argv[i + 1] if arg == "--config" and i + 1 < len(argv) else None
-        if path:
-            root = str(Path(path).resolve().parent.parent)
-            if root not in sys.path:
-                sys.path.insert(0, root)
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            path = argv[i + 1]
+        else:
+            continue
+        root = str(Path(path).resolve().parent.parent)
+        if root not in sys.path:
+            sys.path.insert(0, root)
 
 
 _config_root_on_path(sys.argv)
@@ -43,7 +47,9 @@ _TOPOLOGY = flags.DEFINE_string(
     required=True,
 )
 _JSON = flags.DEFINE_string("json", None, "Also write the whole plan as JSON to this file.")
-_SEARCH_BATCH = flags.DEFINE_bool("search_batch", False, "Find the largest per-chip batch that fits (a few more compiles).")
+_SEARCH_BATCH = flags.DEFINE_bool(
+    "search_batch", False, "Find the largest per-chip batch that fits (a few more compiles)."
+)
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 1 << 16, "Upper limit of --search_batch, per chip.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (--noeval skips it).")
 

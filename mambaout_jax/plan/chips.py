@@ -11,9 +11,9 @@ Sources (Google Cloud TPU documentation pages, read November 2026):
 - v6e: https://cloud.google.com/tpu/docs/v6e -- 918 TFLOP/s bf16; 32 GB HBM at 1600 GB/s; 800 GB/s
   bidirectional ICI per chip (older revisions of the page say 1640 GB/s and 3584 Gbps).
 
-These are peak figures: the roofline built on them is an upper bound on speed. The HBM the planner
-checks a program against is not the published capacity but what the TPU compiler itself allows
-(``probe_hbm_limit`` in ``compile.py``), which is a little less (e.g. 15.75 GiB on v5e).
+These are peak figures: the roofline built on them is optimistic (real steps are slower). The HBM
+the planner checks a program against is not the published capacity but what the TPU compiler
+itself allows (``probe_hbm_limit`` in ``compile.py``), a little less (e.g. 15.75 GiB on v5e).
 """
 
 from __future__ import annotations

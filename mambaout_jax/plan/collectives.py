@@ -196,7 +196,8 @@ def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
         if opcode in _OPCODES:
             kind = _OPCODES[opcode]
             group = _group_size(rest)
-            current.collectives.append((kind, name, _payload(kind, opcode, parse_arrays(shape_text), group, rest), group))
+            arrays = _payload(kind, opcode, parse_arrays(shape_text), group, rest)
+            current.collectives.append((kind, name, arrays, group))
     return comps
 
 

@@ -131,7 +131,7 @@ def _probe(device_kind: str, devices: tuple) -> int:
     too_big = jax.jit(lambda: jnp.zeros((2**38,), jnp.float32), out_shardings=NamedSharding(mesh, P()))
     result = compile_step(too_big)
     if result.fits or result.available_bytes is None:
-        raise RuntimeError(f"could not read the HBM limit of {device_kind} from the compiler: {result.compiler_message}")
+        raise RuntimeError(f"no HBM limit of {device_kind} in the compiler's refusal: {result.compiler_message}")
     return result.available_bytes
 
 

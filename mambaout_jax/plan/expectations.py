@@ -106,7 +106,7 @@ def check_collectives(
     ok = True
     if ar >= sharded * (1 - TOLERANCE):
         ok = False
-        findings.append(f"all-reduces carry {ar:,} elements, as many as the sharded parameters: gradients are replicated")
+        findings.append(f"all-reduces carry {ar:,} elements, as many as the sharded parameters: replicated gradients")
     if moved == 0:
         ok = False
         findings.append("no all-gather, reduce-scatter, all-to-all or permute: nothing is sharded in the step")

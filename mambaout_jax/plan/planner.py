@@ -8,7 +8,7 @@ compile-only devices, and derives:
   per-chip batch that fits (``search_batch``, a few compiles);
 - FLOPs per step from XLA against the analytic count (``model_info``: conv + linear MACs);
 - every collective, checked against what the sharding rule implies (``expectations``);
-- a roofline bound on step time, images/s and MFU from the published chip figures (``chips``).
+- a roofline estimate of step time, images/s and MFU from the published chip figures (``chips``).
 """
 
 from __future__ import annotations
@@ -46,11 +46,14 @@ class StepPlan:
 
 @dataclasses.dataclass(frozen=True)
 class Roofline:
-    """Lower bound on step time from peak chip figures (so an upper bound on speed).
+    """Step time from peak chip figures and XLA's per-chip counts: an optimistic estimate.
 
     Each resource alone: compute (XLA FLOPs / bf16 peak), HBM traffic (XLA bytes accessed / HBM
     bandwidth), interconnect (bytes each chip sends in ring collectives / its ICI send bandwidth).
-    ``step_seconds`` assumes they overlap perfectly: the slowest one sets the pace.
+    ``step_seconds`` assumes they overlap perfectly and run at peak: the slowest one sets the pace.
+    Real steps are slower (MambaOut's depthwise convolutions, norms and GELUs run on the vector
+    unit, not the matrix unit); XLA's bytes accessed may also count some traffic the TPU keeps in
+    on-chip VMEM, which errs the other way.
     """
 
     compute_seconds: float
@@ -60,7 +63,7 @@ class Roofline:
     bound_by: str
     images_per_second_per_chip: float
     images_per_second: float  # whole slice
-    mfu: float  # analytic model FLOPs / (step time x peak), at the bound
+    mfu: float  # analytic model FLOPs / (step time x peak), at this step time
     epoch_seconds: float  # IMAGENET_TRAIN_IMAGES at images_per_second
 
 
@@ -266,7 +269,7 @@ def roofline(
     topology: Topology, flops: float, bytes_accessed: float, wire_bytes: float, images_per_step: int,
     model_flops_per_step: float,
 ) -> Roofline:
-    """The roofline bound of one step from per-chip XLA figures (see ``Roofline``)."""
+    """The roofline step time of one step from per-chip XLA figures (see ``Roofline``)."""
     chip = topology.chip
     times = {
         "compute": flops / chip.bf16_flops,
@@ -318,7 +321,7 @@ def plan_training(
     accum = config.grad_accum_steps
     analytic = analytic_train_flops(config.model, config.num_classes, config.data.image_size)
     analytic_per_chip = analytic * config.batch_size / topology.num_chips
-    xla_flops = check = bound = None
+    xla_flops = check = estimate = None
     summary: dict[str, KindSummary] = {}
     if train.compiled.fits:
         c = train.compiled
@@ -329,7 +332,7 @@ def plan_training(
         summary = summarize(c.collectives, topology.num_chips)
         check = check_collectives(c.collectives, program.model_shapes, program.param_shardings, itemsize)
         wire = sum(s.wire_bytes for s in summary.values())
-        bound = roofline(
+        estimate = roofline(
             topology, xla_flops, c.bytes_accessed * accum, wire, config.batch_size, analytic * config.batch_size
         )
 
@@ -374,7 +377,7 @@ def plan_training(
         xla_train_flops_per_chip=xla_flops,
         collective_summary=summary,
         collective_check=check,
-        roofline=bound,
+        roofline=estimate,
         batch_search=search,
     )
 

@@ -70,7 +70,7 @@ def _memory_lines(step: StepPlan, hbm_limit: int) -> list[str]:
         "   (the compiler's figure, held against its limit)",
         f"    arguments     {_gib(m.arguments):>12}   train state and batch shards",
         f"    temporaries   {_gib(m.temporaries):>12}   temporary allocation (0 when the step has loops)",
-        f"    outputs       {_gib(m.outputs - m.aliased):>12}   (+{_gib(m.aliased)} written in place of donated arguments)",
+        f"    outputs       {_gib(m.outputs - m.aliased):>12}   (+{_gib(m.aliased)} in place of donated arguments)",
         f"  generated code  {_gib(m.generated_code):>12}",
     ]
 
@@ -102,16 +102,25 @@ def format_plan(plan: Plan) -> str:
         ratio = plan.xla_train_flops_per_chip / plan.analytic_train_flops_per_chip
         lines += [
             "",
-            f"FLOPs per step per chip   XLA {plan.xla_train_flops_per_chip:.3e}   analytic {plan.analytic_train_flops_per_chip:.3e}"
+            f"FLOPs per step per chip   XLA {plan.xla_train_flops_per_chip:.3e}"
+            f"   analytic {plan.analytic_train_flops_per_chip:.3e}"
             f" (3 x 2 x conv+linear MACs x {per_chip_step} images)   XLA/analytic {ratio:.2f}",
         ]
         if plan.grad_accum_steps > 1:
-            lines.append(f"  (XLA's count of one accumulation step x {plan.grad_accum_steps}; its cost analysis counts a loop body once)")
-        lines += ["", "collectives per step (per chip)", "  kind                 executions     elements         bytes   sent per chip (ring)"]
+            lines.append(
+                f"  (XLA's count of one accumulation step x {plan.grad_accum_steps}:"
+                " its cost analysis counts a loop body once)"
+            )
+        lines += [
+            "",
+            "collectives per step (per chip)",
+            "  kind                 executions     elements         bytes   sent per chip (ring)",
+        ]
         for kind in KINDS:
             s = plan.collective_summary.get(kind)
             if s:
-                lines.append(f"  {kind:<20} {s.count:>10} {s.elements:>12,} {s.bytes:>13,}   {_si(s.wire_bytes, 'B'):>10}")
+                wire = _si(s.wire_bytes, "B")
+                lines.append(f"  {kind:<20} {s.count:>10} {s.elements:>12,} {s.bytes:>13,}   {wire:>10}")
         if not plan.collective_summary:
             lines.append("  none")
         check = plan.collective_check
@@ -124,21 +133,25 @@ def format_plan(plan: Plan) -> str:
         r = plan.roofline
         lines += [
             "",
-            "roofline (published peak figures: a bound, real steps are slower)",
-            f"  compute {_duration(r.compute_seconds)}   HBM {_duration(r.hbm_seconds)}   ICI {_duration(r.ici_seconds)}"
-            f"   -> step >= {_duration(r.step_seconds)} ({r.bound_by}-bound)",
-            f"  images/s <= {r.images_per_second_per_chip:,.0f} per chip, {r.images_per_second:,.0f} per slice;"
-            f"   MFU <= {r.mfu:.1%};   ImageNet epoch ({IMAGENET_TRAIN_IMAGES:,} images) >= {_duration(r.epoch_seconds)}",
+            "roofline (peak chip figures, XLA's counts, perfect overlap: optimistic, real steps are slower)",
+            f"  compute {_duration(r.compute_seconds)}   HBM {_duration(r.hbm_seconds)}"
+            f"   ICI {_duration(r.ici_seconds)}"
+            f"   -> step {_duration(r.step_seconds)} ({r.bound_by}-bound)",
+            f"  images/s {r.images_per_second_per_chip:,.0f} per chip, {r.images_per_second:,.0f} per slice;"
+            f"   MFU {r.mfu:.1%};   ImageNet epoch ({IMAGENET_TRAIN_IMAGES:,} images) {_duration(r.epoch_seconds)}",
             f"  chip: {_si(chip.bf16_flops, 'FLOP/s')} bf16, {_si(chip.hbm_bandwidth, 'B/s')} HBM, "
             f"{_si(chip.ici_bandwidth, 'B/s')} ICI (bidirectional)   [{chip.source}]",
         ]
     if plan.batch_search is not None:
         s = plan.batch_search
         tried = ", ".join(f"{b} {'fits' if ok else 'no'} ({_gib(used)})" for b, ok, used in s.tried)
-        best = "none (not even 1 per chip)" if s.largest_fitting is None else f"{s.largest_fitting} per chip"
-        lines += ["", f"largest per-chip batch that fits: {best}"
-                  + (f" (global {s.largest_fitting * t.num_chips * plan.grad_accum_steps:,})" if s.largest_fitting else ""),
-                  f"  compiled: {tried}"]
+        if s.largest_fitting is None:
+            best = "none (not even 1 per chip)"
+        else:
+            best = f"{s.largest_fitting} per chip (global {s.largest_fitting * t.num_chips * plan.grad_accum_steps:,})"
+            if s.smallest_not_fitting is None:
+                best += ", the search's upper limit (--max-batch): larger may fit"
+        lines += ["", f"largest per-chip batch that fits: {best}", f"  compiled: {tried}"]
     times = [f"train {train.compiled.compile_seconds:.0f} s"]
     if plan.eval is not None:
         times.append(f"eval {plan.eval.compiled.compile_seconds:.0f} s")
