@@ -14,7 +14,7 @@ import mambaout_jax
 from mambaout_jax.convert import convert_state_dict
 from mambaout_jax.convert.verify import flax_forward
 from mambaout_jax.models import PAPER_MODELS, get_params, model_from_params
-from mambaout_jax.models.layers import depthwise_conv_grouped, depthwise_conv_shift, drop_path
+from mambaout_jax.models.layers import DropPath, Dropout, depthwise_conv_grouped, depthwise_conv_shift, drop_path
 from mambaout_jax.models.mambaout import drop_path_rates
 from torch_reference import random_timm_model, state_dict_numpy
 
@@ -157,6 +157,23 @@ def test_drop_path_keeps_the_expected_fraction_and_scales_by_one_over_keep():
     kept = per_sample[:, 0] != 0
     assert abs(kept.mean() - (1 - rate)) < 4 * np.sqrt(rate * (1 - rate) / n)
     np.testing.assert_allclose(per_sample[kept], 1 / (1 - rate), rtol=1e-6)
+
+
+def test_dropout_drops_elements_and_both_drops_need_a_key_in_train_mode():
+    rate, x = 0.25, jnp.ones((64, 4, 4, 8))
+    dropout, path = Dropout(rate, deterministic=False), DropPath(rate, deterministic=False)
+    y = np.asarray(dropout(x, jax.random.key(0)))
+    assert set(np.unique(y)) == {0.0, np.float32(1 / (1 - rate))}
+    assert abs((y == 0).mean() - rate) < 0.02  # 8192 independent elements
+    per_sample = y.reshape(64, -1)
+    assert np.any(per_sample.min(1) != per_sample.max(1))  # element-wise, unlike drop path
+    for module in (dropout, path):
+        with pytest.raises(ValueError, match=f"{type(module).__name__} in train mode needs a PRNG key"):
+            module(x, None)
+        module.deterministic = True
+        assert module(x, None) is x
+    with pytest.raises(ValueError, match=r"DropPath rate must be in \[0, 1\), got 1.0"):
+        DropPath(1.0)
 
 
 def test_drop_path_rates_grow_linearly_like_timm():

@@ -3,7 +3,7 @@
 On a CPU, MambaOut's layers are memory-bound: each op streams its whole-batch activations through
 DRAM (stage 0 of femto at batch 32 writes ~100 MB per fc1). Running the batch through the network a
 few images at a time (``lax.map`` over micro-batches, inside one compiled program) keeps each op's
-working set in the caches, and is ~1.4x faster for femto at batch 32 (benchmarks/RESULTS.md). The
+working set in the caches, and is ~1.6x faster for femto at batch 32 (benchmarks/RESULTS.md). The
 numbers are the same: images are independent. Accelerators want the whole batch at once.
 """
 

@@ -276,19 +276,28 @@ class LayerScale(nnx.Module):
         return x * self.gamma[...].astype(x.dtype)
 
 
-def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
-    """Stochastic depth: zero the residual branch of whole samples, scale kept ones by 1/keep."""
+def _drop(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
+    """Zero entries of ``x`` with probability ``rate`` (broadcast over ``mask_shape``), scale kept ones by 1/keep."""
     keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+    mask = jax.random.bernoulli(key, keep, mask_shape)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 
-class DropPath(nnx.Module):
-    """Stochastic depth on a residual branch; identity when ``deterministic`` (``model.eval()``)."""
+def _per_sample(x: jax.Array) -> tuple[int, ...]:
+    return (x.shape[0],) + (1,) * (x.ndim - 1)
+
+
+def drop_path(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Stochastic depth: zero the residual branch of whole samples, scale kept ones by 1/keep."""
+    return _drop(x, rate, key, _per_sample(x))
+
+
+class _RandomDrop(nnx.Module):
+    """A drop with an explicit key, identity when ``deterministic`` (``model.eval()``)."""
 
     def __init__(self, rate: float, *, deterministic: bool = True):
         if not 0.0 <= rate < 1.0:
-            raise ValueError(f"drop path rate must be in [0, 1), got {rate}")
+            raise ValueError(f"{type(self).__name__} rate must be in [0, 1), got {rate}")
         self.rate = rate
         self.deterministic = deterministic
 
@@ -296,24 +305,17 @@ class DropPath(nnx.Module):
         if self.deterministic or self.rate == 0.0:
             return x
         if key is None:
-            raise ValueError("DropPath in train mode needs a PRNG key: call model(x, key=...)")
-        return drop_path(x, self.rate, key)
+            raise ValueError(f"{type(self).__name__} in train mode needs a PRNG key: call model(x, key=...)")
+        return _drop(x, self.rate, key, self._mask_shape(x))
 
 
-class Dropout(nnx.Module):
-    """Element-wise dropout with an explicit key; identity when ``deterministic``."""
+class DropPath(_RandomDrop):
+    """Stochastic depth on a residual branch: whole samples dropped."""
 
-    def __init__(self, rate: float, *, deterministic: bool = True):
-        if not 0.0 <= rate < 1.0:
-            raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-        self.rate = rate
-        self.deterministic = deterministic
+    _mask_shape = staticmethod(_per_sample)
 
-    def __call__(self, x: jax.Array, key: jax.Array | None) -> jax.Array:
-        if self.deterministic or self.rate == 0.0:
-            return x
-        if key is None:
-            raise ValueError("Dropout in train mode needs a PRNG key: call model(x, key=...)")
-        keep = 1.0 - self.rate
-        mask = jax.random.bernoulli(key, keep, x.shape)
-        return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
+
+class Dropout(_RandomDrop):
+    """Element-wise dropout."""
+
+    _mask_shape = staticmethod(lambda x: x.shape)
