@@ -2,8 +2,8 @@
 """Train MambaOut on a device mesh (one CPU, a GPU node, a TPU pod slice, a multi-node cluster).
 
   python train.py --workdir runs/digits                      # built-in default: digits, a few minutes
-  python train.py --config configs/mambaout_tiny.py --workdir gs://.../tiny \\
-      --config.data.dir=/data/tfds --config.batch_size=1024 --config.grad_accum_steps=4
+  python train.py --config configs/mambaout_tiny.py --workdir /ckpt/tiny \\
+      --config.data.dir=/data/tfds --config.grad_accum_steps=4   # the recipe's 4096 as 4 x 1024
 
 Running the same command again with the same --workdir resumes from its latest checkpoint. On a
 multi-host slice or cluster, every host runs the same command with --distributed.
@@ -55,6 +55,11 @@ def main(argv):
     from mambaout_jax.train.program import ConfigError
     from mambaout_jax.train.trainer import TrainingDiverged, train
 
+    try:
+        _CONFIG.value.model  # ml_collections reports a config file that failed to load on first use
+    except Exception as e:  # noqa: BLE001 - a missing file, or any error raised while executing it
+        print(f"error: could not load --config: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     try:
         result = train(_CONFIG.value, _WORKDIR.value, resume=_RESUME.value)
     except (ConfigError, ShardingConfigError, CheckpointError, FileNotFoundError, ValueError) as e:

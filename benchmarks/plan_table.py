@@ -6,7 +6,8 @@
 
 Each cell is ``python -m mambaout_jax.plan`` (the authors' recipe: global batch 4096, 224px, bf16
 compute, data parallel; train step only) run in its own process, two at a time, its JSON kept in
---out; a cell whose JSON exists is not compiled again, so an interrupted run continues. On the
+--out; a cell whose JSON exists is not compiled again, so an interrupted run continues (use a new --out
+when changing the planner's flags). On the
 project's 2-core machine a 224px train-step compile takes ~3-10 minutes (longer for deeper models;
 a step that does not fit is refused within seconds).
 """
@@ -48,14 +49,14 @@ def _duration(seconds: float) -> str:
     return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
 
 
-def table(out: Path) -> str:
+def table(out: Path, models=MODELS, slices=SLICES) -> str:
     rows = [
         "| model | slice (chips) | per chip | fits | peak HBM per chip | step | img/s (slice) | epoch "
         f"| {RUN_EPOCHS} epochs | MFU | bound by | compile |",
         "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for model in MODELS:
-        for slice_name in SLICES:
+    for model in models:
+        for slice_name in slices:
             path = out / f"{model}_{slice_name}.json"
             if not path.exists():
                 rows.append(f"| {model} | {slice_name} | | (not planned) | | | | | | | | |")
@@ -96,7 +97,7 @@ def main() -> int:
             for model, slice_name, seconds in pool.map(lambda c: plan_cell(*c, args.out, extra), cells):
                 if seconds:
                     print(f"{model} on {slice_name}: {seconds:.0f} s", file=sys.stderr, flush=True)
-    print(table(args.out))
+    print(table(args.out, args.models, args.slices))
     return 0
 
 

@@ -1,8 +1,7 @@
-"""Shared test setup: which device runs the PyTorch reference, and markers."""
+"""Shared test setup: 8 simulated CPU devices, and which device runs the PyTorch reference."""
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 

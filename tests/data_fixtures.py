@@ -91,17 +91,15 @@ def in_memory_source(num_examples: int, *, seed: int = 0, corrupt: dict[int, byt
 
 
 def require(module: str, why: str):
-    """Imports a test-only dependency: skips without it locally, fails without it in CI (CI=true),
-    where a silent skip would hide a missing install step."""
+    """Imports a test-only dependency, failing (never skipping) without it: a silent skip would hide
+    a missing install step, in CI or on a developer's machine."""
     import importlib
     import pytest
 
     try:
         return importlib.import_module(module)
     except ImportError:
-        if os.environ.get("CI"):
-            pytest.fail(f"{module} is missing ({why}); it belongs in the test dependencies")
-        pytest.skip(f"{module} not installed ({why})")
+        pytest.fail(f"{module} is missing ({why}); install the test dependencies: pip install -e '.[test]'")
 
 
 # --- a miniature ImageNet, built by TFDS's imagenet2012 builder --------------------------------

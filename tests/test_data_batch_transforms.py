@@ -14,6 +14,7 @@ import pytest
 import torch
 from scipy import stats
 
+from data_fixtures import require
 from mambaout_jax.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -24,7 +25,7 @@ from mambaout_jax.data import (
     random_erasing,
 )
 
-timm_mixup = pytest.importorskip("timm.data.mixup")
+timm_mixup = require("timm.data.mixup", "timm's Mixup is the reference")
 from timm.data.random_erasing import RandomErasing  # noqa: E402
 
 

@@ -35,7 +35,7 @@ def _jpeg(seed: int) -> bytes:
 
 
 def test_image_folder_classes_and_sample_order_match_torchvision(tmp_path):
-    torchvision = pytest.importorskip("torchvision")
+    torchvision = require("torchvision", "torchvision's ImageFolder is the reference")
     write_image_folder(tmp_path / "train", {
         "n02": {"b.JPEG": _jpeg(0), "A.jpeg": _jpeg(1), "c.PNG": encode(synthetic_image(9, 9, 2), "PNG"),
                 "notes.txt": b"not an image", "d.webp": encode(synthetic_image(9, 9, 3), "WEBP")},

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from scipy import stats
 
-from data_fixtures import IMAGE_SIZES, PHOTOS, encode, odd_mode_images, photo_image
+from data_fixtures import IMAGE_SIZES, PHOTOS, encode, odd_mode_images, photo_image, require
 from mambaout_jax.data import TrainTransform, decode_rgb, eval_transform
 from mambaout_jax.data.auto_augment import (
     RAND_INCREASING_TRANSFORMS,
@@ -22,7 +22,7 @@ from mambaout_jax.data.auto_augment import (
 )
 from mambaout_jax.data.transforms import IMAGENET_FILL, ImageDecodeError, sample_resized_crop
 
-timm_data = pytest.importorskip("timm.data")
+timm_data = require("timm.data", "timm's transforms are the reference")
 from timm.data import auto_augment as timm_aa  # noqa: E402
 from timm.data.transforms import RandomResizedCropAndInterpolation  # noqa: E402
 

@@ -188,6 +188,12 @@ def test_batch_that_cannot_fit_is_reported_with_the_compilers_numbers(plans):
     assert "RESOURCE_EXHAUSTED" in result["stdout"]
 
 
+def test_a_bad_model_field_is_a_clear_error():
+    result = run_planner(*SMALL_FEMTO, "--topology", "v5e:2x2", "--config.model=mambaout_huge")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown model 'mambaout_huge'" in result.stderr
+
+
 def test_global_batch_not_divisible_by_the_chip_count_is_the_projects_error():
     result = run_planner(*SMALL_FEMTO, "--topology", "v5e:4x4", "--config.batch_size=4100")
     assert result.returncode == 2

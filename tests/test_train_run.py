@@ -185,6 +185,9 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_env
         (["--config.model=mambaout_huge"], 1, "unknown model 'mambaout_huge'"),
         (["--config.data.source=folder", "--config.data.dir=/no/such/dir"], 1, "/no/such/dir"),
         (["--config.batchsize=64"], 1, "batchsize"),
+        (["--config=/no/such/config.py"], 1, "could not load --config"),
+        (["--config.data.source=tfds", "--config.data.dir=gs://bucket/tfds"], 1, "is a URL; .* gcsfuse"),
+        (["--resume=/nonexistent_mambaout_run"], 1, "--resume /nonexistent_mambaout_run: no checkpoint found"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_compiling(run_env, tmp_path, flags, devices, message):
@@ -195,6 +198,7 @@ def test_bad_config_is_a_clear_error_before_compiling(run_env, tmp_path, flags, 
     assert re.search(message, r.stderr), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert not (tmp_path / "bad" / "checkpoints").exists() or not any((tmp_path / "bad" / "checkpoints").iterdir())
+    assert not Path("/nonexistent_mambaout_run").exists()  # a mistyped --resume is not created
 
 
 def test_init_from_pytorch_weights_and_eval_py_agree(run_env, tmp_path):

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from configs import digits
-from mambaout_jax.models import get_params, model_from_params
+from mambaout_jax.models import get_params
 from mambaout_jax.convert import convert_state_dict
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.optim import decay_mask, lr_schedule

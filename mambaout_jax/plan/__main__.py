@@ -82,7 +82,7 @@ def main(argv) -> int:
             max_batch=_MAX_BATCH.value,
             log=lambda message: print(message, file=sys.stderr, flush=True),
         )
-    except (ConfigError, ShardingConfigError, TopologyError) as e:
+    except (ConfigError, ShardingConfigError, TopologyError, ValueError) as e:  # ValueError: a bad model field
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(format_plan(plan))

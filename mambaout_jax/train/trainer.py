@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from mambaout_jax import data as data_lib
 from mambaout_jax.data.digits import write_digits_folder
@@ -42,6 +41,7 @@ def make_sources(config):
         return train, data_lib.image_folder_source(root, "val", classes=train.classes)
     if not d.dir:
         raise ConfigError(f"config.data.dir is empty: where is the {d.source!r} dataset? (--config.data.dir=...)")
+    check_local_path("config.data.dir", d.dir)
     if not os.path.isdir(d.dir):
         raise ConfigError(f"config.data.dir {d.dir!r} is not a directory")
     if d.source == "folder":
@@ -50,6 +50,15 @@ def make_sources(config):
     if d.source == "tfds":
         return data_lib.tfds_source(d.dir, d.train_split, d.name), data_lib.tfds_source(d.dir, d.eval_split, d.name)
     raise ConfigError(f"config.data.source must be 'tfds', 'folder' or 'digits', got {d.source!r}")
+
+
+def check_local_path(what: str, path: str | os.PathLike) -> None:
+    """Data and workdirs are file-system paths; a bucket is read through a mount on every host."""
+    if "://" in str(path):
+        raise ConfigError(
+            f"{what} {str(path)!r} is a URL; give a file-system path that every host sees: mount the bucket "
+            f"on each host (Cloud Storage FUSE: gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and pass /gcs/BUCKET/..."
+        )
 
 
 def make_train_iterator(config, source):
@@ -104,12 +113,16 @@ def restore_or_init(program: TrainProgram, mngr, train_iter, resume: str | None,
         log(f"resumed from this run's checkpoint at step {latest}")
         return state
     if resume:
-        other = ckpt_lib.make_manager(resume, keep=1, interval_steps=1, async_save=False)
-        step = other.latest_step()
-        if step is None:
+        if not ckpt_lib.checkpoint_dir(resume).is_dir():  # checked first: the manager would create it
             raise ConfigError(f"--resume {resume}: no checkpoint found in {ckpt_lib.checkpoint_dir(resume)}")
-        state, _ = ckpt_lib.restore(other, step, abstract, train_iter)
-        other.close()
+        other = ckpt_lib.make_manager(resume, keep=1, interval_steps=1, async_save=False)
+        try:
+            step = other.latest_step()
+            if step is None:
+                raise ConfigError(f"--resume {resume}: no checkpoint found in {ckpt_lib.checkpoint_dir(resume)}")
+            state, _ = ckpt_lib.restore(other, step, abstract, train_iter)
+        finally:
+            other.close()
         log(f"resumed from {resume} at step {step}")
         return state
     params, origin = initial_params(program.config)
@@ -124,6 +137,7 @@ def restore_or_init(program: TrainProgram, mngr, train_iter, resume: str | None,
 
 def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> dict:
     """Train (or continue training) ``config`` in ``workdir``; returns the final eval metrics."""
+    check_local_path("--workdir", workdir)
     workdir = Path(workdir)
     t_start = time.time()
 
@@ -172,11 +186,15 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
         return result
 
     # ---- Preemption: SIGTERM saves and exits cleanly ----
+    # Multi-host, JAX's distributed runtime owns SIGTERM (its preemption notifier, installed by
+    # jax.distributed.initialize) and every host stops at the same step through its sync point; a
+    # Python handler would replace the notifier's, so one is installed only for a single process.
+    multi_host = jax.process_count() > 1
     preempted = {"flag": False}
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+    previous_handler = None if multi_host else signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
 
     def should_stop(at_step: int) -> bool:
-        if jax.process_count() > 1:  # all hosts must agree on the step: JAX's preemption sync point
+        if multi_host:
             return mngr.reached_preemption(at_step)
         return preempted["flag"]
 
@@ -244,7 +262,8 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
         result["first_step_seconds"] = first_step_time
         return result
     finally:
-        signal.signal(signal.SIGTERM, previous_handler)
+        if previous_handler is not None:  # None also when the old handler was not Python's
+            signal.signal(signal.SIGTERM, previous_handler)
         mngr.wait_until_finished()
         mngr.close()
         writer.close()
