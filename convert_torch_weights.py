@@ -12,6 +12,7 @@ Nothing is written unless the conversion (and --verify, when given) succeeds; er
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 
@@ -33,8 +34,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def missing_verify_dependencies() -> str | None:
+    """Why --verify cannot run here (it runs timm, on PyTorch, as the reference), or None."""
+    for module in ("torch", "timm"):
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            return f"{module} cannot be imported ({e})"
+    return None
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.verify:
+        problem = missing_verify_dependencies()
+        if problem:
+            print(
+                f"error: --verify compares against timm on PyTorch, but {problem}. Install the torch extra: "
+                "pip install -e \".[torch]\" (from this checkout; or pip install 'mambaout-jax[torch]'), "
+                "or convert without --verify. Nothing written.",
+                file=sys.stderr,
+            )
+            return 2
     try:
         model, num_classes, params = load_pretrained(args.src, model=args.model, num_classes=args.num_classes)
     except (CheckpointError, ParamMismatchError) as e:

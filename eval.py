@@ -5,6 +5,8 @@
   python eval.py --weights mambaout_tiny.pth --data-dir /data/tfds
   # timm's test size (288, crop_pct 1.0):
   python eval.py --weights mambaout_tiny.pth --data-dir /data/tfds --img-size 288 --crop-pct 1.0
+  # A pretrained tag's own eval settings (here 384 px, squash crop):
+  python eval.py --weights base_plus_384.pth --model mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k --data-dir /data/tfds
   # A train.py run (its latest checkpoint; EMA weights when it kept them), on an image folder:
   python eval.py --weights runs/tiny --source folder --data-dir /data/imagenet --split val
 
@@ -24,20 +26,48 @@ ROOT = Path(__file__).resolve().parent
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir")
-    p.add_argument("--model", help="variant (default: from the weights)")
+    p.add_argument(
+        "--model",
+        help="variant, optionally with timm's pretrained tag, whose eval settings are then used "
+        "(e.g. mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k: 384 px, squash); default: from the weights",
+    )
     p.add_argument("--num-classes", type=int, help="default: the checkpoint's")
     p.add_argument("--source", choices=["tfds", "folder", "digits"], default="tfds")
     p.add_argument("--data-dir", help="TFDS data_dir or image-folder root")
     p.add_argument("--dataset", default="imagenet2012", help="TFDS dataset name")
     p.add_argument("--split", default=None, help="default: 'validation' (tfds) or 'val' (folder)")
-    p.add_argument("--img-size", type=int, help="default: the model's input size (e.g. 224; timm's test size is 288)")
-    p.add_argument("--crop-pct", type=float, help="default: the model's crop_pct")
+    p.add_argument(
+        "--img-size", type=int,
+        help="default: the model's input size (e.g. 224; timm's test size is 288); 32 for --source digits",
+    )  # fmt: skip
+    p.add_argument("--crop-pct", type=float, help="default: the model's crop_pct (1.0 for --source digits)")
+    p.add_argument(
+        "--crop-mode", choices=["center", "squash"],
+        help="center: resize the short side, center crop; squash: resize both sides (ignores the aspect ratio); "
+        "default: the model's",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, default=0, help="global batch; default 32 per device")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes for decoding")
     p.add_argument("--out", help="also write the results as JSON here")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     return p.parse_args(argv)
+
+
+def eval_settings(args, spec) -> dict:
+    """The eval transform: the flags, else the source's defaults (digits: configs/digits.py), else the model's."""
+    size, crop_pct = spec.eval.input_size, spec.eval.crop_pct
+    if args.source == "digits":  # the folder is written at this size; evaluate it as train.py does
+        from configs.digits import get_config as digits_config
+
+        data = digits_config().data
+        size, crop_pct = data.eval_image_size or size, data.eval_crop_pct or crop_pct
+    return {
+        "image_size": args.img_size or size,
+        "crop_pct": args.crop_pct or crop_pct,
+        "interpolation": spec.eval.interpolation,
+        "crop_mode": args.crop_mode or spec.eval.crop_mode,
+    }
 
 
 def main(argv=None) -> int:
@@ -57,10 +87,24 @@ def main(argv=None) -> int:
     from mambaout_jax.train.program import DTYPES, build_eval_program
 
     try:
+        # The name as given keeps timm's pretrained tag, and with it the tag's eval settings
+        # (the weights only record the variant).
+        asked = get_model_spec(args.model) if args.model else None
+        if args.num_classes == 0:
+            raise ValueError(
+                "--num-classes 0 drops the classifier (the model returns pre-logits features), leaving no "
+                "accuracy to measure; leave --num-classes out to evaluate with the checkpoint's classifier"
+            )
         model, num_classes, params = load_pretrained(args.weights, model=args.model, num_classes=args.num_classes)
-        spec = get_model_spec(model)
+        spec = asked if asked is not None and asked.name == model else get_model_spec(model)
+        if num_classes == 0:
+            raise CheckpointError(
+                f"{args.weights}: has no classifier (num_classes=0: a backbone / pre-logits export), so there is "
+                "no accuracy to measure; evaluate weights that include their classification head"
+            )
+        settings = eval_settings(args, spec)
         if args.source == "digits":
-            root = write_digits_folder(image_size=args.img_size or 32)
+            root = write_digits_folder(image_size=settings["image_size"])
             source = data_lib.image_folder_source(root, args.split or "val")
         elif not args.data_dir:
             raise ValueError(f"--data-dir is required for --source {args.source}")
@@ -70,19 +114,13 @@ def main(argv=None) -> int:
             source = data_lib.tfds_source(args.data_dir, args.split or "validation", args.dataset)
         mesh = make_mesh()
         batch_size = args.batch_size or 32 * mesh.devices.size
-        settings = {
-            "image_size": args.img_size or spec.eval.input_size,
-            "crop_pct": args.crop_pct or spec.eval.crop_pct,
-            "interpolation": spec.eval.interpolation,
-            "crop_mode": spec.eval.crop_mode,
-        }
         program = build_eval_program(model, num_classes, mesh, compute_dtype=DTYPES[args.dtype])
         result = evaluate(program, params, source, batch_size=batch_size, settings=settings, worker_count=args.workers)
     except (CheckpointError, ShardingConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     split = args.split or ("validation" if args.source == "tfds" else "val")
-    result.update(model=model, weights=str(args.weights), source=args.source, split=split, **settings)
+    result.update(model=args.model or model, weights=str(args.weights), source=args.source, split=split, **settings)
     if jax.process_index() == 0:
         print(json.dumps(result))
         if args.out:

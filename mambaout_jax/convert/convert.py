@@ -33,11 +33,8 @@ def _architecture_signature(timm_sd: Mapping[str, np.ndarray]) -> tuple[tuple[in
             s, b = int(m.group(1)), int(m.group(2))
             depth[s] = max(depth.get(s, 0), b + 1)
     stages = sorted(depth)
-    dims = tuple(
-        int(np.shape(timm_sd[f"stages.{s}.blocks.0.norm.weight"])[0])
-        for s in stages
-        if f"stages.{s}.blocks.0.norm.weight" in timm_sd
-    )
+    norms = [timm_sd.get(f"stages.{s}.blocks.0.norm.weight") for s in stages]
+    dims = tuple(int(np.shape(w)[0]) for w in norms if w is not None and np.ndim(w) >= 1)
     return tuple(depth[s] for s in stages), dims
 
 
@@ -123,11 +120,21 @@ def load_pretrained(
     if kind == "torch":
         return convert_state_dict(tensors, model=model, num_classes=num_classes, source=str(path))
     saved_model = metadata.get("model", "")
+    if saved_model not in MODELS:
+        what = f"names the unknown model {saved_model!r}" if saved_model else "names no model"
+        raise CheckpointError(
+            f"{path}: a mambaout_jax weight file whose metadata {what}; known models: {', '.join(MODELS)}. "
+            "The file is damaged or was written by another version of this project"
+        )
     if model is not None and get_model_spec(model).name != saved_model:
         raise CheckpointError(f"{path}: holds {saved_model} weights, not {get_model_spec(model).name}")
     # Our files are the contract under another key spelling: check them through the same table.
+    try:
+        state_dict = flax_to_torch(tensors)
+    except ValueError as e:  # a key the parameter contract does not know
+        raise CheckpointError(f"{path}: not a valid mambaout_jax weight file: {e}") from None
     found_model, found_classes, params = convert_state_dict(
-        flax_to_torch(tensors), model=saved_model, num_classes=num_classes, source=str(path)
+        state_dict, model=saved_model, num_classes=num_classes, source=str(path)
     )
     return found_model, found_classes, params
 

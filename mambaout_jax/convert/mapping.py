@@ -17,6 +17,8 @@ from typing import Literal, Mapping
 
 import numpy as np
 
+from mambaout_jax.convert.torch_io import CheckpointError
+
 Layout = Literal["timm", "authors"]
 
 # Authors' key layout -> timm's, exactly timm's ``checkpoint_filter_fn`` (applied in this order).
@@ -35,15 +37,15 @@ def detect_layout(state_dict: Mapping[str, np.ndarray], *, source: str = "checkp
     if "downsample_layers.0.conv1.weight" in state_dict:
         return "authors"
     sample = ", ".join(list(state_dict)[:5]) or "(no keys)"
-    raise ValueError(
+    raise CheckpointError(
         f"{source}: not a MambaOut state_dict: it has neither 'stem.conv1.weight' (timm layout) nor "
         f"'downsample_layers.0.conv1.weight' (authors' layout); first keys: {sample}"
     )
 
 
-def authors_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def authors_to_timm(state_dict: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> dict[str, np.ndarray]:
     """Rename an authors'-layout state_dict to timm's layout (tensors untouched)."""
-    out = {}
+    out, origin = {}, {}
     for key, value in state_dict.items():
         new = key
         for pattern, repl in _AUTHORS_RULES:
@@ -54,14 +56,18 @@ def authors_to_timm(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
             for old, repl in _AUTHORS_HEAD:
                 new = new.replace(old, repl)
         if new in out:
-            raise ValueError(f"authors' keys collide after renaming: {key!r} -> {new!r}")
+            raise CheckpointError(
+                f"{source}: not a valid authors'-layout MambaOut state_dict: keys {origin[new]!r} and {key!r} "
+                f"both become {new!r} in timm's layout (the file mixes the authors' and timm's key names)"
+            )
         out[new] = value
+        origin[new] = key
     return out
 
 
 def to_timm_layout(state_dict: Mapping[str, np.ndarray], *, source: str = "checkpoint") -> dict[str, np.ndarray]:
     if detect_layout(state_dict, source=source) == "authors":
-        return authors_to_timm(state_dict)
+        return authors_to_timm(state_dict, source=source)
     return dict(state_dict)
 
 
@@ -133,4 +139,4 @@ def flax_to_torch(params: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
 def checkpoint_num_classes(timm_state_dict: Mapping[str, np.ndarray]) -> int:
     """Classes of the checkpoint's classifier; 0 when it has none (a pre-logits/backbone export)."""
     w = timm_state_dict.get("head.fc.weight")
-    return 0 if w is None else int(w.shape[0])
+    return int(np.shape(w)[0]) if w is not None and np.ndim(w) >= 1 else 0

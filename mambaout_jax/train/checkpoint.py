@@ -82,12 +82,22 @@ def load_params_from_run(
         raise CheckpointError(str(e)) from None
     meta = ocp.JsonCheckpointHandler().restore(step_dir / META) if (step_dir / META).exists() else {}
     saved_model, saved_classes = meta.get("model"), meta.get("num_classes")
+    if not saved_model and model is None:
+        raise CheckpointError(
+            f"{step_dir}: the checkpoint records no model name (no {META}/ item with a 'model' entry); "
+            "pass the variant it was trained as: --model NAME (model=NAME)"
+        )
+    if model is not None:
+        from mambaout_jax.models.registry import get_model_spec
+
+        model = get_model_spec(model).name  # timm's name.tag form names the same weights
     if model is not None and saved_model and model != saved_model:
         raise CheckpointError(f"{step_dir}: holds {saved_model} weights, not {model}")
-    if num_classes not in (None, saved_classes):
+    if saved_classes is not None and num_classes not in (None, saved_classes):
         raise CheckpointError(
             f"{step_dir}: was trained with {saved_classes} classes, but num_classes={num_classes} was asked for"
         )
+    model = saved_model or model
     # The item handler directly: a step's items carry no per-item checkpoint metadata file.
     handler = ocp.PyTreeCheckpointHandler()
     tree = handler.metadata(step_dir / STATE)
@@ -99,4 +109,18 @@ def load_params_from_run(
         step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True)
     )
     params = {k: np.asarray(v) for k, v in restored[key].items()}
-    return saved_model or model, int(saved_classes or 0), params
+    if saved_classes is None:  # no meta: the classifier's shape says it (0: no classifier)
+        head = params.get("head/fc/kernel")
+        saved_classes = int(head.shape[-1]) if head is not None else 0
+        if num_classes not in (None, saved_classes):
+            raise CheckpointError(
+                f"{step_dir}: has a {saved_classes}-class classifier, but num_classes={num_classes} was asked for"
+            )
+        # The variant is the caller's word, not the checkpoint's: check it holds that model's weights.
+        from mambaout_jax.models.factory import model_param_shapes
+        from mambaout_jax.models.params import describe_mismatch
+
+        problem = describe_mismatch(model_param_shapes(model, saved_classes), {k: v.shape for k, v in params.items()})
+        if problem:
+            raise CheckpointError(f"{step_dir}: does not hold {model} weights:\n{problem}")
+    return model, int(saved_classes), params

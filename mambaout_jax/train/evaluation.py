@@ -11,6 +11,19 @@ from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.program import EvalProgram
 
 
+class EmptySplitError(ValueError):
+    """The split to evaluate holds no examples, so there is no accuracy to report."""
+
+
+def _describe(source) -> str:
+    """The split's name for messages: its folder, or its TFDS dataset and split."""
+    if getattr(source, "directory", None):
+        return repr(source.directory)
+    if getattr(source, "name", None):
+        return repr(f"{source.name}:{getattr(source, 'split', '?')}")
+    return f"(a {type(source).__name__})"
+
+
 def evaluate(
     program: EvalProgram,
     params,
@@ -27,6 +40,8 @@ def evaluate(
     exact whatever the split size, and every process runs the same number of steps.
     ``settings``: image_size, crop_pct, interpolation, crop_mode (the model's eval transform).
     """
+    if len(source) == 0:
+        raise EmptySplitError(f"nothing to evaluate: the split {_describe(source)} has no examples")
     mesh_lib.check_global_batch(batch_size, program.mesh)
     params = jax.device_put(params, program.param_shardings)
     it = data_lib.make_eval_iterator(
@@ -44,9 +59,11 @@ def evaluate(
     for _ in range(data_lib.eval_steps(len(source), batch_size)):
         sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
-    totals = jax.device_get(totals)
+    totals = jax.device_get(totals) if totals is not None else {"count": 0}
     elapsed = time.perf_counter() - start
     count = float(totals["count"])
+    if count == 0:
+        raise EmptySplitError(f"nothing was evaluated: no example of the split {_describe(source)} reached the model")
     return {
         "top1": float(totals["top1_sum"]) / count,
         "top5": float(totals["top5_sum"]) / count,
