@@ -8,7 +8,7 @@ Each cell is ``python -m mambaout_jax.plan`` (the authors' recipe: global batch 
 compute, data parallel; train step only) run in its own process, two at a time, its JSON kept in
 --out; a cell whose JSON exists is not compiled again, so an interrupted run continues (use a new --out
 when changing the planner's flags). On the
-project's 2-core machine a 224px train-step compile takes ~3-10 minutes (longer for deeper models;
+project's 2-core machine a 224px train-step compile takes ~2-28 minutes (longer for deeper models;
 a step that does not fit is refused within seconds).
 """
 
