@@ -1,4 +1,4 @@
-"""The authors' ImageNet-1k recipe (SPEC.md), shared by every paper model's config.
+"""The authors' ImageNet-1k recipe (their repository's train script), shared by the paper models' configs.
 
 Every field is listed here, so ``--config.<field>=...`` overrides are checked against this set
 (the config is locked: a typo is an error, not a silently ignored new key).

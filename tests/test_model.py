@@ -18,7 +18,7 @@ from mambaout_jax.models.layers import DropPath, Dropout, depthwise_conv_grouped
 from mambaout_jax.models.mambaout import drop_path_rates
 from torch_reference import random_timm_model, state_dict_numpy
 
-# The paper's table (params in M, MACs in G at 224px), SPEC.md.
+# The paper's ImageNet-1k table (Yu & Wang, arXiv 2405.07992): params in M, MACs in G at 224px.
 PAPER_TABLE = {
     "mambaout_femto": (7.3, 1.2),
     "mambaout_kobe": (9.1, 1.5),

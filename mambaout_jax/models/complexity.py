@@ -6,7 +6,7 @@ Counting convention (written down because the paper's table depends on it):
 - ``layernorm_elements``: elements normalised by all LayerNorms. fvcore, whose counter the
   MetaFormer/MambaOut papers use, adds 5 ops per LayerNorm element (mean, variance, normalise,
   scale, shift); ``macs_fvcore = macs + 5 * layernorm_elements`` rounds to every value of the
-  paper's table (SPEC.md), ``macs`` alone does not for femto and small.
+  paper's ImageNet table, ``macs`` alone does not for femto and small.
 Activations, the gating product, residual adds and pooling are not counted by either convention.
 """
 

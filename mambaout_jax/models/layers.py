@@ -1,7 +1,7 @@
 """Building blocks of MambaOut, written to compute exactly what timm's PyTorch layers compute.
 
 Every module keeps float32 parameters and computes in a configurable ``dtype``; LayerNorm statistics
-are always float32. Parameter names follow the one parameter contract of the project (DESIGN.md):
+are always float32. Parameter names follow the project's one parameter contract (README, "The parameter contract"):
 ``kernel``/``bias`` for convolutions and linears, ``scale``/``bias`` for LayerNorm, ``gamma`` for
 layer scale, so a parameter's path mirrors its timm ``state_dict`` key.
 """
@@ -159,7 +159,7 @@ def resolve_depthwise_impl(impl: DepthwiseImpl, backend: str | None = None) -> s
     """'auto' picks the form that is fast on the backend that will run the model.
 
     On CPU, XLA's grouped convolution is ~19x slower than PyTorch while 49 fused shifted
-    multiply-adds match it (PERF.md); on TPU and GPU the grouped convolution is the native path.
+    multiply-adds match it (benchmarks/RESULTS.md); on TPU and GPU the grouped convolution is the native path.
     """
     if impl not in DEPTHWISE_IMPLS:
         raise ValueError(f"unknown depthwise conv impl {impl!r}; expected one of {DEPTHWISE_IMPLS}")

@@ -31,7 +31,7 @@ from mambaout_jax.models.layers import (
 
 @dataclasses.dataclass(frozen=True)
 class MambaOutConfig:
-    """Architecture hyper-parameters of one MambaOut variant (SPEC.md, timm's registrations)."""
+    """Architecture hyper-parameters of one MambaOut variant (timm's registrations)."""
 
     depths: tuple[int, ...] = (3, 3, 9, 3)
     dims: tuple[int, ...] = (96, 192, 384, 576)

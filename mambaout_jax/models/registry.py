@@ -1,7 +1,7 @@
 """Every MambaOut variant timm registers, with its architecture and its pretrained eval settings.
 
 Like timm's registrations at the bottom of ``mambaout.py``: a variant is a name, a
-``MambaOutConfig`` and the settings its published weights are evaluated with (SPEC.md).
+``MambaOutConfig`` and the settings its published weights are evaluated with (timm's pretrained configs).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ class ModelSpec:
 
 
 _PAPER = dict(stem_mid_norm=True, downsample="conv", ls_init_value=None, head="mlp")
-# timm's "rw" variants; their layer scale starts at 1e-6 (timm's registrations; SPEC.md says 1e-5).
+# timm's "rw" variants; their layer scale starts at 1e-6 (timm's registrations; the project spec said 1e-5).
 _RW = dict(stem_mid_norm=False, downsample="conv_nf", ls_init_value=1e-6, head="norm_mlp")
 _BASE_DIMS = (128, 256, 512, 768)
 _RW_CROP = EvalSettings(crop_pct=0.95, test_crop_pct=1.0)

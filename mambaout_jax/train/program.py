@@ -38,7 +38,7 @@ def compute_dtype(config) -> Any:
 
 
 def eval_settings(config) -> dict:
-    """The model's eval preprocessing (SPEC.md), with the config's overrides."""
+    """The model's eval preprocessing (timm's pretrained config), with the config's overrides."""
     ev = get_model_spec(config.model).eval
     return {
         "image_size": config.data.eval_image_size or ev.input_size,
