@@ -188,6 +188,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_env
         (["--config=/no/such/config.py"], 1, "could not load --config"),
         (["--config.data.source=tfds", "--config.data.dir=gs://bucket/tfds"], 1, "is a URL; .* gcsfuse"),
         (["--resume=/nonexistent_mambaout_run"], 1, "--resume /nonexistent_mambaout_run: no checkpoint found"),
+        (["--resume=gs://bucket/run"], 1, "--resume 'gs://bucket/run' is a URL"),
     ],
 )
 def test_bad_config_is_a_clear_error_before_compiling(run_env, tmp_path, flags, devices, message):

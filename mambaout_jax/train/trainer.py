@@ -138,6 +138,10 @@ def restore_or_init(program: TrainProgram, mngr, train_iter, resume: str | None,
 def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> dict:
     """Train (or continue training) ``config`` in ``workdir``; returns the final eval metrics."""
     check_local_path("--workdir", workdir)
+    if resume:
+        check_local_path("--resume", resume)
+    if config.init_from:
+        check_local_path("config.init_from", config.init_from)
     workdir = Path(workdir)
     t_start = time.time()
 
