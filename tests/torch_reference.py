@@ -10,7 +10,7 @@ import numpy as np
 def randomize_(module, seed: int = 0) -> None:
     """Overwrite every parameter with random values in place.
 
-    timm's default init (LayerNorm scale 1 and bias 0, zero biases, layer scale 1e-6) makes many
+    timm's default init (LayerNorm scale 1 and bias 0, zero biases, layer scale 1e-5) makes many
     mapping mistakes invisible; LayerNorm scales are drawn around 1 and everything else around 0 with
     magnitudes that keep activations O(1), so that logits are informative.
     """

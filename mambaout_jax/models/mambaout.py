@@ -82,10 +82,10 @@ class Stem(nnx.Module):
         self, in_chans: int, out_chans: int, *, mid_norm: bool, act: str, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs
     ):
         self.conv1 = Conv2d(in_chans, out_chans // 2, impl=conv_impl, dtype=dtype, rngs=rngs)
-        self.norm1 = LayerNorm(out_chans // 2, dtype=dtype) if mid_norm else None
+        self.norm1 = LayerNorm(out_chans // 2, dtype=dtype, rngs=rngs) if mid_norm else None
         self.act = get_activation(act)
         self.conv2 = Conv2d(out_chans // 2, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
-        self.norm2 = LayerNorm(out_chans, dtype=dtype)
+        self.norm2 = LayerNorm(out_chans, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.conv1(x)
@@ -100,7 +100,7 @@ class Downsample(nnx.Module):
 
     def __init__(self, in_chans: int, out_chans: int, *, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs):
         self.conv = Conv2d(in_chans, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
-        self.norm = LayerNorm(out_chans, dtype=dtype)
+        self.norm = LayerNorm(out_chans, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.norm(self.conv(x))
@@ -110,7 +110,7 @@ class DownsampleNormFirst(nnx.Module):
     """``_rw`` variants: LN over the incoming channels, then conv3x3/2."""
 
     def __init__(self, in_chans: int, out_chans: int, *, conv_impl: ConvImpl, dtype, rngs: nnx.Rngs):
-        self.norm = LayerNorm(in_chans, dtype=dtype)
+        self.norm = LayerNorm(in_chans, dtype=dtype, rngs=rngs)
         self.conv = Conv2d(in_chans, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -139,7 +139,7 @@ class GatedCNNBlock(nnx.Module):
         if not 0 < conv_channels <= hidden:
             raise ValueError(f"conv channels {conv_channels} must be in (0, hidden={hidden}]")
         self.split_sizes = (hidden, hidden - conv_channels, conv_channels)
-        self.norm = LayerNorm(dim, dtype=dtype)
+        self.norm = LayerNorm(dim, dtype=dtype, rngs=rngs)
         self.fc1 = Linear(dim, 2 * hidden, dtype=dtype, rngs=rngs)
         self.act = get_activation(config.act)
         self.conv = DepthwiseConv2d(conv_channels, kernel_size=config.kernel_size, impl=dw_impl, dtype=dtype, rngs=rngs)
@@ -200,7 +200,7 @@ class PreLogits(nnx.Module):
 
     def __init__(self, in_features: int, hidden: int, *, with_norm: bool, dtype, rngs: nnx.Rngs):
         self.fc = Linear(in_features, hidden, dtype=dtype, rngs=rngs)
-        self.norm = LayerNorm(hidden, dtype=dtype) if with_norm else None
+        self.norm = LayerNorm(hidden, dtype=dtype, rngs=rngs) if with_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = jax.nn.gelu(self.fc(x), approximate=False)
@@ -223,7 +223,7 @@ class MlpHead(nnx.Module):
         rngs: nnx.Rngs,
     ):
         self.num_features = config.head_hidden_dim
-        self.norm = LayerNorm(in_features, dtype=dtype)
+        self.norm = LayerNorm(in_features, dtype=dtype, rngs=rngs)
         self.pre_logits = PreLogits(
             in_features, self.num_features, with_norm=config.head == "mlp", dtype=dtype, rngs=rngs
         )
