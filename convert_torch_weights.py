@@ -16,7 +16,8 @@ import importlib
 import json
 import sys
 
-from mambaout_jax.convert import CheckpointError, export_timm_safetensors, load_pretrained, save_flax_weights
+from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_weights, save_flax_weights
+from mambaout_jax.convert.verify import verify_against_timm
 from mambaout_jax.models import ParamMismatchError, list_models
 
 
@@ -57,16 +58,14 @@ def main(argv=None) -> int:
             )
             return 2
     try:
-        model, num_classes, params = load_pretrained(args.src, model=args.model, num_classes=args.num_classes)
+        weights = load_weights(args.src, model=args.model, num_classes=args.num_classes)
     except (CheckpointError, ParamMismatchError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    model, num_classes, params = weights.model, weights.num_classes, weights.params
     print(f"{args.src}: {model}, {num_classes} classes, {len(params)} tensors")
 
     if args.verify:
-        from mambaout_jax.convert.mapping import flax_to_torch
-        from mambaout_jax.convert.verify import verify_against_timm
-
         # timm loads the round trip of our params (strict), so this checks both directions of the mapping.
         result = verify_against_timm(
             model, num_classes, params, flax_to_torch(params), batch_size=args.verify_batch, image_size=args.verify_size

@@ -18,9 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent
 
 
 def parse_args(argv=None):
@@ -54,57 +51,57 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def eval_settings(args, spec) -> dict:
-    """The eval transform: the flags, else the source's defaults (digits: configs/digits.py), else the model's."""
-    size, crop_pct = spec.eval.input_size, spec.eval.crop_pct
-    if args.source == "digits":  # the folder is written at this size; evaluate it as train.py does
-        from configs.digits import get_config as digits_config
+def eval_preprocessing(args, model: str):
+    """The eval transform: the flags, else the source's own size (digits), else the model's (or its tag's)."""
+    from mambaout_jax.data import digits, resolve_eval_preprocessing
 
-        data = digits_config().data
-        size, crop_pct = data.eval_image_size or size, data.eval_crop_pct or crop_pct
-    return {
-        "image_size": args.img_size or size,
-        "crop_pct": args.crop_pct or crop_pct,
-        "interpolation": spec.eval.interpolation,
-        "crop_mode": args.crop_mode or spec.eval.crop_mode,
-    }
+    native = dict(image_size=digits.IMAGE_SIZE, crop_pct=digits.EVAL_CROP_PCT) if args.source == "digits" else {}
+    return resolve_eval_preprocessing(
+        model,
+        image_size=args.img_size or native.get("image_size"),
+        crop_pct=args.crop_pct or native.get("crop_pct"),
+        crop_mode=args.crop_mode,
+    )
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     import jax
+    from absl import flags
 
     if args.distributed:
         jax.distributed.initialize()
-    sys.path.insert(0, str(ROOT))
+    if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this CLI uses argparse
+        flags.FLAGS.mark_as_parsed()
     from mambaout_jax import data as data_lib
-    from mambaout_jax.convert import CheckpointError, load_pretrained
+    from mambaout_jax.convert import CheckpointError, load_weights
     from mambaout_jax.convert.torch_io import atomic_output
     from mambaout_jax.data.digits import write_digits_folder
     from mambaout_jax.models.registry import get_model_spec
     from mambaout_jax.train.evaluation import evaluate
     from mambaout_jax.train.mesh import ShardingConfigError, make_mesh
-    from mambaout_jax.train.program import DTYPES, build_eval_program
+    from mambaout_jax.train.program import build_eval_program
+    from mambaout_jax.train.recipe import DTYPES
 
     try:
-        # The name as given keeps timm's pretrained tag, and with it the tag's eval settings
-        # (the weights only record the variant).
-        asked = get_model_spec(args.model) if args.model else None
+        if args.model:
+            get_model_spec(args.model)  # an unknown name or tag fails before any file is read
         if args.num_classes == 0:
             raise ValueError(
                 "--num-classes 0 drops the classifier (the model returns pre-logits features), leaving no "
                 "accuracy to measure; leave --num-classes out to evaluate with the checkpoint's classifier"
             )
-        model, num_classes, params = load_pretrained(args.weights, model=args.model, num_classes=args.num_classes)
-        spec = asked if asked is not None and asked.name == model else get_model_spec(model)
-        if num_classes == 0:
+        weights = load_weights(args.weights, model=args.model, num_classes=args.num_classes)
+        if weights.num_classes == 0:
             raise CheckpointError(
                 f"{args.weights}: has no classifier (num_classes=0: a backbone / pre-logits export), so there is "
                 "no accuracy to measure; evaluate weights that include their classification head"
             )
-        settings = eval_settings(args, spec)
+        # The name as given keeps timm's pretrained tag, and with it the tag's eval settings
+        # (the weights only record the variant).
+        preprocessing = eval_preprocessing(args, args.model or weights.model)
         if args.source == "digits":
-            root = write_digits_folder(image_size=settings["image_size"])
+            root = write_digits_folder(image_size=preprocessing.image_size)
             source = data_lib.image_folder_source(root, args.split or "val")
         elif not args.data_dir:
             raise ValueError(f"--data-dir is required for --source {args.source}")
@@ -114,13 +111,18 @@ def main(argv=None) -> int:
             source = data_lib.tfds_source(args.data_dir, args.split or "validation", args.dataset)
         mesh = make_mesh()
         batch_size = args.batch_size or 32 * mesh.devices.size
-        program = build_eval_program(model, num_classes, mesh, compute_dtype=DTYPES[args.dtype])
-        result = evaluate(program, params, source, batch_size=batch_size, settings=settings, worker_count=args.workers)
+        program = build_eval_program(
+            weights.model, weights.num_classes, mesh, preprocessing=preprocessing, compute_dtype=DTYPES[args.dtype]
+        )
+        result = evaluate(
+            program, weights.params, source, batch_size=batch_size, loader=data_lib.LoaderOptions(args.workers)
+        )
     except (CheckpointError, ShardingConfigError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     split = args.split or ("validation" if args.source == "tfds" else "val")
-    result.update(model=args.model or model, weights=str(args.weights), source=args.source, split=split, **settings)
+    settings = {k: getattr(preprocessing, k) for k in ("image_size", "crop_pct", "interpolation", "crop_mode")}
+    result.update(model=args.model or weights.model, weights=str(args.weights), source=args.source, split=split, **settings)
     if jax.process_index() == 0:
         print(json.dumps(result))
         if args.out:

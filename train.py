@@ -18,8 +18,7 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_CONFIG = str(ROOT / "configs" / "digits.py")
+DEFAULT_CONFIG = str(Path(__file__).resolve().parent / "configs" / "digits.py")
 
 try:  # ml_collections applies --config.* overrides here already; a typo fails now, not mid-run
     _CONFIG = config_flags.DEFINE_config_file(
@@ -47,12 +46,9 @@ def main(argv):
         jax.distributed.initialize(
             coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value
         )
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-
     from mambaout_jax.convert import CheckpointError
     from mambaout_jax.train.mesh import ShardingConfigError
-    from mambaout_jax.train.program import ConfigError
+    from mambaout_jax.train.recipe import ConfigError
     from mambaout_jax.train.trainer import TrainingDiverged, train
 
     try:

@@ -35,9 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-sys.path.insert(0, os.fspath(Path(__file__).resolve().parents[1]))
-
-from mambaout_jax.data import TrainTransform, image_folder_source, make_train_iterator  # noqa: E402
+from mambaout_jax.data import LoaderOptions, TrainTransform, image_folder_source, make_train_iterator
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry",
           "retina", "colorwheel")
@@ -200,7 +198,7 @@ def bench_timm_loop(source, seconds, uint8=False, **_):
 
 def bench_ours_pipeline(source, seconds, workers, batch_size, read_threads, **_):
     iterator = make_train_iterator(ImageNetLength(source), global_batch_size=batch_size, seed=0,
-                                   shard=(0, 1), worker_count=workers, read_threads=read_threads)
+                                   shard=(0, 1), loader=LoaderOptions(worker_count=workers, read_threads=read_threads))
     for _ in range(2 * max(workers, 1)):  # worker start-up and first batches
         next(iterator)
     pids = _loader_pids() if workers else None

@@ -16,11 +16,7 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def _timed_rounds(fns: dict, rounds: int, iters: int, settle: float = 2.0) -> dict:
@@ -106,7 +102,7 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
     import torch
 
     import mambaout_jax
-    from configs.common import get_config
+    from mambaout_jax.train.recipe import recipe_config as get_config
     from mambaout_jax.models import get_params
     from mambaout_jax.train import mesh as mesh_lib
     from mambaout_jax.train.program import build_program
@@ -177,7 +173,7 @@ def bench_compile(name: str, batch: int, size: int) -> dict:
     import jax
     import numpy as np
 
-    from configs.common import get_config
+    from mambaout_jax.train.recipe import recipe_config as get_config
     from mambaout_jax.train import mesh as mesh_lib
     from mambaout_jax.train.program import build_program
 

@@ -5,20 +5,21 @@ ImageNet layout) into a cache, then trained through the same grain pipeline and 
 ImageNet. On the project's 2-core CPU it finishes in about 30 s at ~99% held-out top-1 (the test asks >= 90%).
 """
 
-from configs.common import get_config as recipe
+from mambaout_jax.data import digits
+from mambaout_jax.train.recipe import recipe_config
 
 
 def get_config():
-    c = recipe()
+    c = recipe_config()
     c.model = "test_mambaout"
     c.num_classes = 10
     c.drop_path_rate = 0.0
     c.compute_dtype = "float32"
 
     c.data.source = "digits"
-    c.data.image_size = 32
-    c.data.eval_image_size = 32
-    c.data.eval_crop_pct = 1.0
+    c.data.image_size = digits.IMAGE_SIZE
+    c.data.eval_image_size = digits.IMAGE_SIZE
+    c.data.eval_crop_pct = digits.EVAL_CROP_PCT
     c.data.worker_count = 0
     c.data.eval_split = "val"
 

@@ -1,6 +1,6 @@
 """MambaOut-Tiny: the authors' ImageNet-1k recipe (300 + 10 epochs, batch 4096, drop path 0.2)."""
 
-from configs.common import paper_model_config
+from mambaout_jax.train.recipe import paper_model_config
 
 
 def get_config():

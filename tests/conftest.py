@@ -7,13 +7,16 @@ from pathlib import Path
 
 import jax
 import pytest
+from absl import flags
 
 # Simulate an 8-device mesh on the CPU (sharding tests); must happen before JAX initialises.
 jax.config.update("jax_num_cpu_devices", 8)
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
+if str(ROOT) not in sys.path:  # the test modules import configs/ (the recipes) as a package
     sys.path.insert(0, str(ROOT))
+# grain's worker processes read absl flags, which only an absl app parses; tests use their defaults.
+flags.FLAGS.mark_as_parsed()
 
 
 def _reference_device() -> str:

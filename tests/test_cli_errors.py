@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -119,11 +120,14 @@ def fake_eval(monkeypatch):
 
     seen = {}
 
-    def evaluate(program, params, source, *, batch_size, settings, worker_count=0, strict=False):
-        seen.update(settings=dict(settings), examples=len(source))
+    def build_eval_program(*args, preprocessing, **kwargs):
+        seen.update(settings=dataclasses.asdict(preprocessing))
+
+    def evaluate(program, params, source, *, batch_size, loader):
+        seen.update(examples=len(source))
         return {"top1": 1.0, "top5": 1.0, "loss": 0.0, "count": len(source), "images_per_sec": 1.0}
 
-    monkeypatch.setattr(program, "build_eval_program", lambda *a, **k: None)
+    monkeypatch.setattr(program, "build_eval_program", build_eval_program)
     monkeypatch.setattr(evaluation, "evaluate", evaluate)
     return seen
 
@@ -139,11 +143,11 @@ def test_eval_uses_the_pretrained_tags_eval_settings(eval_cli, fake_eval, monkey
 
     asked = []
 
-    def load_pretrained(path, *, model=None, num_classes=None):
+    def load_weights(path, *, model=None, num_classes=None):
         asked.append(model)
-        return "mambaout_base_plus_rw", 1000, {}
+        return convert.LoadedWeights("mambaout_base_plus_rw", 1000, {}, str(path))
 
-    monkeypatch.setattr(convert, "load_pretrained", load_pretrained)
+    monkeypatch.setattr(convert, "load_weights", load_weights)
     data = _image_folder(tmp_path / "data")
     base = ["--weights", str(tmp_path / "w.pth"), "--model", TAG, "--source", "folder", "--data-dir", str(data)]
     assert eval_cli.main(base) == 0
@@ -165,7 +169,7 @@ def test_eval_digits_defaults_to_the_digits_image_size(eval_cli, fake_eval, monk
         written.append(image_size)
         return _image_folder(tmp_path / f"digits-{image_size}")
 
-    monkeypatch.setattr(convert, "load_pretrained", lambda *a, **k: (NAME, 10, {}))
+    monkeypatch.setattr(convert, "load_weights", lambda path, **k: convert.LoadedWeights(NAME, 10, {}, str(path)))
     monkeypatch.setattr(digits, "write_digits_folder", write_digits_folder)
     assert eval_cli.main(["--weights", str(tmp_path / "w.pth"), "--source", "digits"]) == 0
     assert written == [32] and fake_eval["settings"]["image_size"] == 32  # not test_mambaout's 160
@@ -186,14 +190,14 @@ def test_eval_refuses_weights_without_a_classifier(eval_cli, fake_eval, tmp_path
 
 
 def test_evaluate_an_empty_split_is_a_clear_error():
+    from mambaout_jax.data import EvalPreprocessing
     from mambaout_jax.train.evaluation import evaluate
     from mambaout_jax.train.mesh import make_mesh
     from mambaout_jax.train.program import build_eval_program
 
-    program = build_eval_program(NAME, 10, make_mesh())
-    settings = {"image_size": 32, "crop_pct": 1.0, "interpolation": "bicubic", "crop_mode": "center"}
+    program = build_eval_program(NAME, 10, make_mesh(), preprocessing=EvalPreprocessing(image_size=32))
     with pytest.raises(ValueError, match="has no examples"):  # eval.py reports ValueErrors as one line
-        evaluate(program, _zeros(10), [], batch_size=8, settings=settings)
+        evaluate(program, _zeros(10), [], batch_size=8)
 
 
 # ---- a train.py checkpoint without its meta item ------------------------------------------------
@@ -212,15 +216,15 @@ def run_without_meta(tmp_path):
 
 
 def test_run_checkpoint_without_meta_asks_for_the_model(run_without_meta, eval_cli, fake_eval, capsys):
-    from mambaout_jax.convert import CheckpointError
-    from mambaout_jax.train.checkpoint import load_params_from_run
+    from mambaout_jax.convert import CheckpointError, load_weights
 
     with pytest.raises(CheckpointError, match="--model"):
-        load_params_from_run(run_without_meta)
+        load_weights(run_without_meta)
     assert eval_cli.main(["--weights", str(run_without_meta), "--source", "digits"]) == 2
     assert "pass the variant it was trained as: --model" in capsys.readouterr().err
     # With the model named, the class count comes from the classifier's shape and the shapes are checked.
-    model, num_classes, params = load_params_from_run(run_without_meta, model=NAME)
+    loaded = load_weights(run_without_meta, model=NAME)
+    model, num_classes, params = loaded.model, loaded.num_classes, loaded.params
     assert (model, num_classes, len(params)) == (NAME, 10, len(_zeros(10)))
     with pytest.raises(CheckpointError, match="does not hold mambaout_femto weights"):
-        load_params_from_run(run_without_meta, model="mambaout_femto")
+        load_weights(run_without_meta, model="mambaout_femto")

@@ -12,7 +12,7 @@ from safetensors.torch import save_file as save_torch_safetensors
 
 import mambaout_jax
 from conftest import ROOT
-from mambaout_jax.convert import CheckpointError, convert_state_dict, export_timm_safetensors, load_pretrained
+from mambaout_jax.convert import CheckpointError, convert_state_dict, export_timm_safetensors, load_weights
 from mambaout_jax.convert.verify import compare_logits, flax_forward, timm_forward
 from mambaout_jax.models import get_params
 from timm.models.mambaout import checkpoint_filter_fn
@@ -76,7 +76,8 @@ def test_create_model_loads_every_layout_and_format(tmp_path, reference, layout,
 def test_variant_is_recognised_from_shapes(tmp_path, reference):
     tm, _, _ = reference
     path = _write(tmp_path / "w.pth", _torch_sd(tm, "authors"), "pth", True)
-    name, num_classes, _ = load_pretrained(path)
+    loaded = load_weights(path)
+    name, num_classes = loaded.model, loaded.num_classes
     assert (name, num_classes) == (NAME, 1000)
 
 
@@ -91,7 +92,8 @@ def test_flax_timm_flax_round_trip_is_bit_exact(tmp_path):
     tm = timm.create_model("mambaout_small_rw", pretrained=False)
     tm.load_state_dict(load_file(str(tmp_path / "timm.safetensors")), strict=True)
     torch.save(tm.state_dict(), str(tmp_path / "back.pth"))
-    name, _, back = load_pretrained(tmp_path / "back.pth")
+    loaded = load_weights(tmp_path / "back.pth")
+    name, back = loaded.model, loaded.params
     assert name == "mambaout_small_rw"
     assert sorted(back) == sorted(params)
     for k in params:
@@ -115,12 +117,12 @@ def test_not_a_checkpoint(tmp_path):
     bad = tmp_path / "notes.pth"
     bad.write_text("these are not weights\n")
     with pytest.raises(CheckpointError, match="notes.pth.*neither a PyTorch checkpoint"):
-        load_pretrained(bad)
+        load_weights(bad)
 
 
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
-        load_pretrained(tmp_path / "nope.pth")
+        load_weights(tmp_path / "nope.pth")
 
 
 @pytest.mark.parametrize("fmt", ["pth", "safetensors"])
@@ -130,7 +132,7 @@ def test_truncated_file(tmp_path, reference, fmt):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"w\.%s.*(truncated|not a readable)" % fmt):
-        load_pretrained(path)
+        load_weights(path)
 
 
 def test_pickle_with_code_is_refused(tmp_path):
@@ -141,7 +143,7 @@ def test_pickle_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pth"
     torch.save({"model": Evil()}, str(path))
     with pytest.raises(CheckpointError, match="refused to unpickle"):
-        load_pretrained(path)
+        load_weights(path)
 
 
 def test_wrong_variant_names_mismatched_keys_and_shapes(tmp_path):
@@ -165,7 +167,7 @@ def test_missing_and_unexpected_keys_are_listed(tmp_path, reference):
     sd["stages.2.blocks.1.extra.weight"] = torch.zeros(3)
     path = _write(tmp_path / "w.pth", sd, "pth", False)
     with pytest.raises(CheckpointError) as err:
-        load_pretrained(path, model=NAME)
+        load_weights(path, model=NAME)
     msg = str(err.value)
     assert "missing from the checkpoint (1): stages.2.blocks.1.conv.bias" in msg
     assert "unexpected in the checkpoint (1): stages.2.blocks.1.extra.weight" in msg
@@ -176,7 +178,7 @@ def test_unrecognised_architecture_says_so(tmp_path, reference):
     sd = _torch_sd(tm, "timm")
     del sd["stages.2.blocks.1.conv.bias"]
     with pytest.raises(CheckpointError, match="(?s)no registered MambaOut variant.*closest variant test_mambaout differs.*stages.2.blocks.1.conv.bias"):
-        load_pretrained(_write(tmp_path / "w.pth", sd, "pth", False))
+        load_weights(_write(tmp_path / "w.pth", sd, "pth", False))
 
 
 def test_class_count_mismatch_says_how_to_load(tmp_path):

@@ -17,6 +17,7 @@ from scipy import stats
 from data_fixtures import require
 from mambaout_jax.data import (
     IMAGENET_MEAN,
+    BatchAugmentation,
     IMAGENET_STD,
     augment_train_batch,
     mixup_cutmix,
@@ -199,8 +200,9 @@ def test_augment_train_batch_compiles_once_and_returns_the_requested_dtype():
     assert a.dtype == jnp.bfloat16 and a.shape == (4, H, W, 3) and ta.shape == (4, NUM_CLASSES)
     assert not np.array_equal(np.asarray(a), np.asarray(b))
     np.testing.assert_allclose(np.asarray(tb).sum(-1), 1.0, atol=1e-5)
-    off = jax.jit(functools.partial(augment_train_batch, mixup_alpha=0.0, cutmix_alpha=0.0,
-                                    erase_prob=0.0, **config))
+    off = jax.jit(functools.partial(
+        augment_train_batch, augmentation=BatchAugmentation(mixup_alpha=0.0, cutmix_alpha=0.0, erase_prob=0.0), **config
+    ))
     plain, targets = off(jax.random.key(0), images, LABELS)
     np.testing.assert_array_equal(plain, normalize(images, IMAGENET_MEAN, IMAGENET_STD, dtype=jnp.bfloat16))
     np.testing.assert_allclose(targets, one_hot_targets(LABELS, NUM_CLASSES, 0.1), atol=1e-7)

@@ -14,6 +14,9 @@ import pytest
 from data_fixtures import encode, in_memory_source, odd_mode_images, photo_image, write_image_folder
 from mambaout_jax.data import (
     CorruptRecordError,
+    EvalPreprocessing,
+    LoaderOptions,
+    TrainTransform,
     eval_steps,
     eval_transform,
     image_folder_source,
@@ -27,7 +30,7 @@ GARBAGE = b"\x00not an image at all"
 TRUNCATED = encode(photo_image("rocket", (200, 150)))[:2500]
 
 # Small images keep the tests fast; the full augmentation (crop, flip, RandAugment) stays on.
-FAST = dict(image_size=32)
+FAST = dict(transform=TrainTransform(image_size=32))
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +105,7 @@ def test_restoring_iterator_state_reproduces_the_rest_exactly(worker_count):
     source = in_memory_source(30, corrupt={7: GARBAGE})
     def make():
         return make_train_iterator(source, global_batch_size=6, seed=11, shard=(0, 1),
-                                   worker_count=worker_count, **FAST)
+                                   loader=LoaderOptions(worker_count=worker_count), **FAST)
 
     iterator = make()
     _take(iterator, 7)  # past the end of the first epoch
@@ -145,7 +148,7 @@ def test_orbax_checkpoint_holds_train_state_and_iterator_position(tmp_path, sour
 def test_corrupt_records_are_skipped_counted_and_logged_once(caplog, worker_count):
     source = in_memory_source(20, corrupt={3: GARBAGE, 11: TRUNCATED})
     iterator = make_train_iterator(source, global_batch_size=6, seed=0, shard=(0, 1),
-                                   worker_count=worker_count, **FAST)
+                                   loader=LoaderOptions(worker_count=worker_count), **FAST)
     with caplog.at_level(logging.WARNING, logger="mambaout_jax.data.pipeline"):
         batches = _take(iterator, 9)  # 54 good examples: three epochs of 18
     iterator.close()
@@ -165,7 +168,7 @@ def test_corrupt_records_are_skipped_counted_and_logged_once(caplog, worker_coun
 def test_strict_mode_raises_naming_the_corrupt_record(worker_count):
     source = in_memory_source(12, corrupt={5: GARBAGE})
     iterator = make_train_iterator(source, global_batch_size=4, seed=0, shard=(0, 1),
-                                   worker_count=worker_count, strict=True, **FAST)
+                                   loader=LoaderOptions(worker_count=worker_count, strict=True), **FAST)
     with pytest.raises(CorruptRecordError, match="record-5"):
         _take(iterator, 3)  # one epoch: record-5 is in it
     iterator.close()
@@ -192,8 +195,9 @@ def test_eval_pads_to_whole_global_batches_and_counts_each_example_once(process_
     assert steps == 4
     seen = []
     for p in range(process_count):
-        iterator = make_eval_iterator(source, global_batch_size=global_batch, image_size=32,
-                                      shard=(p, process_count), worker_count=worker_count)
+        iterator = make_eval_iterator(source, global_batch_size=global_batch,
+                                      preprocessing=EvalPreprocessing(image_size=32),
+                                      shard=(p, process_count), loader=LoaderOptions(worker_count=worker_count))
         batches = list(iterator)
         assert len(batches) == steps  # every process runs the same number of steps
         for batch in batches:
@@ -211,8 +215,8 @@ def test_eval_images_are_eval_transform_of_each_record(tmp_path):
               for name, size in [("astronaut", (500, 375)), ("chelsea", (333, 500)), ("rocket", (640, 201))]}
     write_image_folder(tmp_path / "val", {"c": photos})
     source = image_folder_source(tmp_path, "val")
-    (batch,) = list(make_eval_iterator(source, global_batch_size=3, image_size=288, crop_pct=0.95,
-                                       shard=(0, 1)))
+    (batch,) = list(make_eval_iterator(source, global_batch_size=3,
+                                       preprocessing=EvalPreprocessing(image_size=288, crop_pct=0.95), shard=(0, 1)))
     for i in range(3):
         expected = eval_transform(source[i]["image"], size=288, crop_pct=0.95)
         np.testing.assert_array_equal(batch["image"][i], expected)
@@ -221,7 +225,8 @@ def test_eval_images_are_eval_transform_of_each_record(tmp_path):
 def test_eval_strict_mode_raises_and_bad_batch_sizes_are_rejected():
     source = in_memory_source(8, corrupt={2: GARBAGE})
     with pytest.raises(CorruptRecordError, match="record-2"):
-        list(make_eval_iterator(source, global_batch_size=4, image_size=32, shard=(0, 1), strict=True))
+        list(make_eval_iterator(source, global_batch_size=4, preprocessing=EvalPreprocessing(image_size=32), shard=(0, 1),
+                                loader=LoaderOptions(strict=True)))
     with pytest.raises(ValueError, match="multiple of the process count"):
         make_eval_iterator(source, global_batch_size=5, shard=(0, 2))
     with pytest.raises(ValueError, match="multiple of the process count"):

@@ -21,6 +21,7 @@ from data_fixtures import (
     write_image_folder,
 )
 from mambaout_jax.data import (
+    EvalPreprocessing,
     eval_transform,
     image_folder_source,
     make_eval_iterator,
@@ -124,8 +125,8 @@ def test_tfds_source_reads_stored_jpeg_bytes_labels_and_file_names(imagenet):
 def test_eval_over_tfds_equals_eval_transform_of_the_stored_images(imagenet):
     data_dir, _, _ = imagenet
     source = tfds_source(data_dir, "validation")
-    batches = list(make_eval_iterator(source, global_batch_size=4, image_size=224, crop_pct=0.95,
-                                      shard=(0, 1)))
+    batches = list(make_eval_iterator(source, global_batch_size=4,
+                                      preprocessing=EvalPreprocessing(image_size=224, crop_pct=0.95), shard=(0, 1)))
     assert len(batches) == 2
     images = np.concatenate([b["image"] for b in batches])
     mask = np.concatenate([b["mask"] for b in batches])

@@ -172,9 +172,9 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(run_env
     bad_step = int(r.stderr.split("at step ")[1].split(";")[0])
     saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
     assert saved and max(saved) < bad_step
-    from mambaout_jax.train.checkpoint import load_params_from_run
+    from mambaout_jax.convert import load_weights
 
-    _, _, params = load_params_from_run(workdir)
+    params = load_weights(workdir).params
     assert all(np.isfinite(v).all() for v in params.values())
 
 
@@ -207,8 +207,7 @@ def test_init_from_pytorch_weights_and_eval_py_agree(run_env, tmp_path):
     eval.py gives the same accuracy on the run and on the .pth it started from."""
     import torch
 
-    from mambaout_jax.convert import convert_state_dict
-    from mambaout_jax.train.checkpoint import load_params_from_run
+    from mambaout_jax.convert import convert_state_dict, load_weights
     from torch_reference import random_timm_model, state_dict_numpy
 
     tm = random_timm_model("test_mambaout", num_classes=10, seed=2)
@@ -218,7 +217,7 @@ def test_init_from_pytorch_weights_and_eval_py_agree(run_env, tmp_path):
     assert r.returncode == 0, r.stderr
     assert f"starting from weights from {tmp_path / 'start.pth'}" in r.stderr
     _, _, expected = convert_state_dict(state_dict_numpy(tm))
-    _, _, trained = load_params_from_run(tmp_path / "run")
+    trained = load_weights(tmp_path / "run").params
     assert all(np.array_equal(trained[k], expected[k]) for k in expected)
 
     def eval_py(weights):

@@ -12,7 +12,8 @@ from mambaout_jax.models import get_params
 from mambaout_jax.convert import convert_state_dict
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.optim import decay_mask, lr_schedule
-from mambaout_jax.train.program import ConfigError, build_program
+from mambaout_jax.train.program import build_program
+from mambaout_jax.train.recipe import ConfigError
 from torch_reference import random_timm_model, state_dict_numpy
 
 # Sharded vs single-device and accumulated vs whole-batch steps differ only in the order of fp32

@@ -1,10 +1,11 @@
-"""PyTorch checkpoint <-> Flax parameters: identify the variant, check strictly, convert, export."""
+"""A PyTorch state_dict -> Flax parameters: identify the variant, check strictly, convert.
+
+The one strict routine: every weight source (``weights.load_weights``) ends up here, in timm's key space.
+"""
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
@@ -12,11 +13,10 @@ import numpy as np
 from mambaout_jax.convert.mapping import (
     checkpoint_num_classes,
     expected_torch_shapes,
-    flax_to_torch,
     to_timm_layout,
     torch_to_flax,
 )
-from mambaout_jax.convert.torch_io import CheckpointError, read_weights, write_flax_weights, write_safetensors
+from mambaout_jax.convert.torch_io import CheckpointError
 from mambaout_jax.models.factory import model_param_shapes
 from mambaout_jax.models.params import describe_mismatch
 from mambaout_jax.models.registry import MODELS, get_model_spec
@@ -84,7 +84,9 @@ def convert_state_dict(
                 guess = f"\nits shapes are those of {identify_model(timm_sd)}; pass --model/model= that name"
             except CheckpointError:
                 guess = ""
-            raise CheckpointError(f"{source}: does not match {model}:\n{problem}{guess}")
+            raise CheckpointError(
+                f"{source}: does not match {model} (it does not hold {model} weights):\n{problem}{guess}"
+            )
     params = torch_to_flax(timm_sd, model_param_shapes(model, found_classes))
     return model, found_classes, {k: v.astype(np.float32) for k, v in params.items()}
 
@@ -105,47 +107,3 @@ def _select_classifier(timm_sd: dict[str, np.ndarray], num_classes: int | None, 
         have = "it has no classifier (no head.fc.weight)"
         how = "Load it with num_classes=0 (a backbone returning pre-logits features)"
     raise CheckpointError(f"{source}: {have}, but num_classes={num_classes} was asked for. {how}.")
-
-
-def load_pretrained(
-    path: str | os.PathLike, *, model: str | None = None, num_classes: int | None = None
-) -> tuple[str, int, dict[str, np.ndarray]]:
-    """Read any supported weight file -> ``(model, num_classes, params)``, strictly checked."""
-    path = Path(path)
-    if path.is_dir():
-        from mambaout_jax.train.checkpoint import load_params_from_run
-
-        return load_params_from_run(path, model=model, num_classes=num_classes)
-    kind, tensors, metadata = read_weights(path)
-    if kind == "torch":
-        return convert_state_dict(tensors, model=model, num_classes=num_classes, source=str(path))
-    saved_model = metadata.get("model", "")
-    if saved_model not in MODELS:
-        what = f"names the unknown model {saved_model!r}" if saved_model else "names no model"
-        raise CheckpointError(
-            f"{path}: a mambaout_jax weight file whose metadata {what}; known models: {', '.join(MODELS)}. "
-            "The file is damaged or was written by another version of this project"
-        )
-    if model is not None and get_model_spec(model).name != saved_model:
-        raise CheckpointError(f"{path}: holds {saved_model} weights, not {get_model_spec(model).name}")
-    # Our files are the contract under another key spelling: check them through the same table.
-    try:
-        state_dict = flax_to_torch(tensors)
-    except ValueError as e:  # a key the parameter contract does not know
-        raise CheckpointError(f"{path}: not a valid mambaout_jax weight file: {e}") from None
-    found_model, found_classes, params = convert_state_dict(
-        state_dict, model=saved_model, num_classes=num_classes, source=str(path)
-    )
-    return found_model, found_classes, params
-
-
-def save_flax_weights(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, model: str, num_classes: int) -> None:
-    """Write contract params in this project's weight format (atomic)."""
-    write_flax_weights(path, {k: np.asarray(v, np.float32) for k, v in params.items()}, model=model, num_classes=num_classes)
-
-
-def export_timm_safetensors(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, model: str) -> None:
-    """Write contract params as a timm-layout .safetensors: ``timm.create_model(model).load_state_dict``
-    with ``strict=True`` accepts it."""
-    state_dict = flax_to_torch({k: np.asarray(v, np.float32) for k, v in params.items()})
-    write_safetensors(path, state_dict, {"format": "pt", "model": model})

@@ -6,6 +6,8 @@ from typing import Mapping
 
 import numpy as np
 
+from mambaout_jax.models.factory import model_from_params
+
 
 def reference_device() -> str:
     """'cuda' when both PyTorch and JAX see a GPU (the CUDA reference), else 'cpu'."""
@@ -83,8 +85,6 @@ def verify_against_timm(
     seed: int = 0,
 ) -> dict:
     """Compare timm (loaded from ``timm_state_dict``) and Flax (``params``) on one random batch."""
-    from mambaout_jax.models.factory import model_from_params
-
     device = reference_device()
     tm = build_timm_model(model, num_classes, timm_state_dict, device=device)
     fm = model_from_params(model, params, num_classes=num_classes)

@@ -12,11 +12,48 @@ erased boxes hold pure noise rather than a mix. `augment_train_batch` chains the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
+
+ERASE_MODES = ("pixel", "rand", "const")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchAugmentation:
+    """The recipe's device-side augmentation, timm's settings (``augment_train_batch`` applies it).
+
+    Mixup (``mixup_alpha``) / CutMix (``cutmix_alpha``) with probability ``mix_prob``, CutMix chosen
+    with ``switch_prob`` when both are on; label smoothing of the targets; random erasing with
+    ``erase_prob`` (``erase_mode``: 'pixel' noise, 'rand' colour, 'const' zeros). 0 turns a part off.
+    """
+
+    mixup_alpha: float = 0.8
+    cutmix_alpha: float = 1.0
+    mix_prob: float = 1.0
+    switch_prob: float = 0.5
+    label_smoothing: float = 0.1
+    erase_prob: float = 0.25
+    erase_mode: str = "pixel"
+
+    def __post_init__(self):
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("mix_prob", "switch_prob", "label_smoothing", "erase_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.erase_mode not in ERASE_MODES:
+            raise ValueError(f"erase_mode must be one of {ERASE_MODES}, got {self.erase_mode!r}")
+
+    @property
+    def mixes(self) -> bool:
+        return (self.mixup_alpha > 0 or self.cutmix_alpha > 0) and self.mix_prob > 0
+
 
 
 def normalize(
@@ -39,10 +76,7 @@ def normalize(
 
 def one_hot_targets(labels: jax.Array, num_classes: int, label_smoothing: float = 0.0) -> jax.Array:
     """Smoothed one-hot float32 targets as timm's `mixup_target`: off = s / K, on = 1 - s + s / K."""
-    off_value = label_smoothing / num_classes
-    on_value = 1.0 - label_smoothing + off_value
-    one_hot = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    return one_hot * (on_value - off_value) + off_value
+    return optax.smooth_labels(jax.nn.one_hot(labels, num_classes, dtype=jnp.float32), label_smoothing)
 
 
 def _box_mask(height: int, width: int, top, bottom, left, right) -> jax.Array:
@@ -98,8 +132,8 @@ def random_erasing(
     ('pixel'), one N(0, 1) colour per channel ('rand') or zeros ('const'). If no attempt fits,
     the image is left alone, as in timm.
     """
-    if mode not in ("pixel", "rand", "const"):
-        raise ValueError(f"mode must be 'pixel', 'rand' or 'const', got {mode!r}")
+    if mode not in ERASE_MODES:
+        raise ValueError(f"mode must be one of {ERASE_MODES}, got {mode!r}")
     max_aspect = max_aspect or 1.0 / min_aspect
     keys = jax.random.split(key, images.shape[0])
     erase = lambda k, x: _erase_one(  # noqa: E731
@@ -198,35 +232,30 @@ def augment_train_batch(
     key: jax.Array,
     images: jax.Array,
     labels: jax.Array,
+    augmentation: BatchAugmentation = BatchAugmentation(),
     *,
     num_classes: int,
     mean: Sequence[float],
     std: Sequence[float],
     dtype=jnp.float32,
-    mixup_alpha: float = 0.8,
-    cutmix_alpha: float = 1.0,
-    mix_prob: float = 1.0,
-    switch_prob: float = 0.5,
-    label_smoothing: float = 0.1,
-    erase_prob: float = 0.25,
-    erase_mode: str = "pixel",
     num_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """The recipe's device-side augmentation: uint8 batch -> (normalised images, soft targets).
 
     normalise -> mixup/cutmix (skipped if both alphas or mix_prob are 0) -> random erasing
     (skipped if erase_prob is 0); work is done in float32 and the images cast to `dtype` at the end.
+    `num_groups`: Mixup/CutMix groups, as `mixup_cutmix`'s.
     """
+    a = augmentation
     k_mix, k_erase = jax.random.split(key)
     x = normalize(images, mean, std, dtype=jnp.float32)
-    if (mixup_alpha > 0 or cutmix_alpha > 0) and mix_prob > 0:
+    if a.mixes:
         x, targets = mixup_cutmix(
-            k_mix, x, labels, num_classes, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha,
-            prob=mix_prob, switch_prob=switch_prob, label_smoothing=label_smoothing,
-            num_groups=num_groups,
-        )
+            k_mix, x, labels, num_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
+            prob=a.mix_prob, switch_prob=a.switch_prob, label_smoothing=a.label_smoothing, num_groups=num_groups,
+        )  # fmt: skip
     else:
-        targets = one_hot_targets(labels, num_classes, label_smoothing)
-    if erase_prob > 0:
-        x = random_erasing(k_erase, x, prob=erase_prob, mode=erase_mode)
+        targets = one_hot_targets(labels, num_classes, a.label_smoothing)
+    if a.erase_prob > 0:
+        x = random_erasing(k_erase, x, prob=a.erase_prob, mode=a.erase_mode)
     return x.astype(dtype), targets

@@ -16,6 +16,10 @@ import numpy as np
 from PIL import Image
 
 DIGITS_VERSION = "v1"
+# The size the digits are written, trained and evaluated at (configs/digits.py, eval.py --source digits):
+# the whole 8x8 digit upscaled, no crop.
+IMAGE_SIZE = 32
+EVAL_CROP_PCT = 1.0
 
 
 def default_cache_dir() -> Path:
@@ -23,7 +27,7 @@ def default_cache_dir() -> Path:
     return Path(base) / "mambaout_jax"
 
 
-def write_digits_folder(cache_dir: str | os.PathLike | None = None, *, image_size: int = 32, val_fraction: float = 0.2) -> Path:
+def write_digits_folder(cache_dir: str | os.PathLike | None = None, *, image_size: int = IMAGE_SIZE, val_fraction: float = 0.2) -> Path:
     """Write the digits once (upscaled to ``image_size``, grayscale PNGs) and return the root.
 
     The split is fixed: within each class, every ``1/val_fraction``-th image is held out. The folder

@@ -37,18 +37,39 @@ from typing import Any
 import grain
 import numpy as np
 
-from mambaout_jax.data.transforms import (
-    IMAGENET_FILL,
-    ImageDecodeError,
-    TrainTransform,
-    eval_transform,
-)
+from mambaout_jax.data.preprocessing import EvalPreprocessing
+from mambaout_jax.data.transforms import ImageDecodeError, TrainTransform
 
 log = logging.getLogger(__name__)
 
 # Batch entry carrying ((key, error), ...) of the corrupt records met while making the batch from
 # the workers to the main process, where `_CorruptRecordAccounting` removes it.
 _CORRUPT = "_corrupt_records"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderOptions:
+    """How a pipeline reads and decodes, whatever it computes.
+
+    worker_count: grain worker processes (0: everything in this process). Pixel work is CPU-bound
+      Python/PIL, so scale with processes, about one per core.
+    read_threads: threads per worker that read and decode ahead (PIL releases the GIL while
+      decoding and resizing; more threads mostly help when reads are slow, e.g. remote disks).
+    worker_buffer_size: batches each worker prepares ahead.
+    strict: raise CorruptRecordError on a bad record instead of skipping (train) or masking (eval)
+      and counting it.
+    """
+
+    worker_count: int = 0
+    read_threads: int = 1
+    worker_buffer_size: int = 2
+    strict: bool = False
+
+    def __post_init__(self):
+        if self.worker_count < 0 or self.read_threads < 1 or self.worker_buffer_size < 1:
+            raise ValueError(
+                f"worker_count must be >= 0 and read_threads, worker_buffer_size >= 1; got {self}"
+            )
 
 
 class CorruptRecordError(ValueError):
@@ -92,16 +113,13 @@ class _TrainExample:
 class _EvalExample:
     """map transform: padded index -> {"image", "label", "mask"}; padding has mask False."""
 
-    def __init__(self, source, image_size, crop_pct, interpolation, crop_mode, strict):
-        self.source, self.strict = source, strict
-        self.transform_kwargs = dict(
-            size=image_size, crop_pct=crop_pct, interpolation=interpolation, crop_mode=crop_mode
-        )
-        self.size_hw = (image_size, image_size) if isinstance(image_size, int) else image_size
+    def __init__(self, source, preprocessing: EvalPreprocessing, strict: bool):
+        self.source, self.preprocessing, self.strict = source, preprocessing, strict
 
     def _padding(self):
+        size = self.preprocessing.image_size
         return {
-            "image": np.zeros((*self.size_hw, 3), np.uint8),
+            "image": np.zeros((size, size, 3), np.uint8),
             "label": np.int32(0),
             "mask": np.bool_(False),
         }
@@ -110,9 +128,7 @@ class _EvalExample:
         if index >= len(self.source):
             return self._padding()
         record = self.source[index]
-        image = _decode_or_report(
-            record, lambda im: eval_transform(im, **self.transform_kwargs), self.strict
-        )
+        image = _decode_or_report(record, self.preprocessing.transform, self.strict)
         if isinstance(image, CorruptRecord):
             return {**self._padding(), _CORRUPT: image}
         return {"image": image, "label": np.int32(record["label"]), "mask": np.bool_(True)}
@@ -251,17 +267,11 @@ def _per_process_batch(global_batch_size: int, process_count: int) -> int:
     return global_batch_size // process_count
 
 
-def _finish(ds, worker_count: int, worker_buffer_size: int) -> PipelineIterator:
-    if worker_count > 0:
-        # grain's worker processes read absl flags; in a program that never parsed them (pytest,
-        # a notebook, a plain script) that raises UnparsedFlagAccessError. Use their defaults.
-        from absl import flags
-
-        if not flags.FLAGS.is_parsed():
-            flags.FLAGS.mark_as_parsed()
+def _finish(ds, loader: LoaderOptions) -> PipelineIterator:
+    if loader.worker_count > 0:
         ds = ds.mp_prefetch(
             grain.MultiprocessingOptions(
-                num_workers=worker_count, per_worker_buffer_size=worker_buffer_size
+                num_workers=loader.worker_count, per_worker_buffer_size=loader.worker_buffer_size
             )
         )
     return iter(_CorruptRecordAccounting(ds))
@@ -272,30 +282,15 @@ def make_train_iterator(
     *,
     global_batch_size: int,
     seed: int,
-    image_size: int = 224,
-    random_resized_crop: bool = True,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3 / 4, 4 / 3),
-    interpolation: str = "random",
-    hflip: float = 0.5,
-    rand_augment: str | None = "rand-m9-mstd0.5-inc1",
-    fill: tuple[int, int, int] = IMAGENET_FILL,
-    jpeg_draft: bool = True,
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    read_threads: int = 1,
+    transform: TrainTransform = TrainTransform(),
+    loader: LoaderOptions = LoaderOptions(),
     shard: tuple[int, int] | None = None,
-    strict: bool = False,
 ) -> PipelineIterator:
     """Endless iterator of this process's train batches {"image", "label"} (see module doc).
 
-    Host augmentation options are those of `TrainTransform` (the recipe's by default).
-    worker_count: grain worker processes (0: everything in this process). Pixel work is CPU-bound
-      Python/PIL, so scale with processes, about one per core.
-    read_threads: threads per worker that read and decode ahead (PIL releases the GIL while
-      decoding and resizing; more threads mostly help when reads are slow, e.g. remote disks).
+    transform: the host augmentation (timm's train transform; the recipe's by default).
+    loader: worker processes, read threads, strictness (see `LoaderOptions`).
     shard: (process_index, process_count); defaults to jax.process_index()/process_count().
-    strict: raise CorruptRecordError on a bad record instead of skipping and counting it.
 
     Save/restore its position with `checkpointing.save_args`/`restore_args` (or get_state /
     set_state); a restored iterator must be built with the same arguments.
@@ -305,20 +300,15 @@ def make_train_iterator(
     if len(source) < global_batch_size:
         raise ValueError(f"source has {len(source)} records, fewer than one global batch "
                          f"({global_batch_size})")
-    transform = TrainTransform(
-        image_size=image_size, random_resized_crop=random_resized_crop, scale=tuple(scale),
-        ratio=tuple(ratio), interpolation=interpolation, hflip=hflip, rand_augment=rand_augment,
-        fill=tuple(fill), jpeg_draft=jpeg_draft,
-    )
     ds = grain.MapDataset.source(source).seed(seed)
     ds = ds.shuffle().repeat()
-    ds = ds.random_map(_TrainExample(transform, strict))
+    ds = ds.random_map(_TrainExample(transform, loader.strict))
     ds = ds[process_index::process_count]
     ds = ds.to_iter_dataset(
-        grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=batch_size)
+        grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=batch_size)
     )
     ds = _BatchSkippingCorrupt(ds, batch_size)
-    return _finish(ds, worker_count, worker_buffer_size)
+    return _finish(ds, loader)
 
 
 def eval_steps(num_examples: int, global_batch_size: int) -> int:
@@ -330,28 +320,22 @@ def make_eval_iterator(
     source: Sequence[dict],
     *,
     global_batch_size: int,
-    image_size: int = 224,
-    crop_pct: float = 1.0,
-    interpolation: str = "bicubic",
-    crop_mode: str = "center",
-    worker_count: int = 0,
-    worker_buffer_size: int = 2,
-    read_threads: int = 1,
+    preprocessing: EvalPreprocessing = EvalPreprocessing(),
+    loader: LoaderOptions = LoaderOptions(),
     shard: tuple[int, int] | None = None,
-    strict: bool = False,
 ) -> PipelineIterator:
     """One pass over `source`: `eval_steps(len(source), global_batch_size)` batches per process,
     {"image", "label", "mask"}; each record appears once across all processes with mask True.
 
-    Preprocessing is `eval_transform(size=image_size, crop_pct, interpolation, crop_mode)`, i.e.
-    timm's eval transform for the model's pretrained config. A corrupt record becomes a masked
-    zero image (counted and logged) so every process still runs the same number of steps.
+    Each image is `preprocessing.transform`ed (timm's eval transform for the model's pretrained
+    config, see `preprocessing.resolve_eval_preprocessing`). A corrupt record becomes a masked zero
+    image (counted and logged) so every process still runs the same number of steps.
     """
     process_index, process_count = _process_shard(shard)
     batch_size = _per_process_batch(global_batch_size, process_count)
     padded = eval_steps(len(source), global_batch_size) * global_batch_size
-    example = _EvalExample(source, image_size, crop_pct, interpolation, crop_mode, strict)
+    example = _EvalExample(source, preprocessing, loader.strict)
     ds = grain.MapDataset.range(padded)[process_index::process_count]
     ds = ds.map(example).batch(batch_size, drop_remainder=True, batch_fn=_stack)
-    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2))
-    return _finish(ds, worker_count, worker_buffer_size)
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=loader.read_threads, prefetch_buffer_size=2))
+    return _finish(ds, loader)

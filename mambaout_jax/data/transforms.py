@@ -90,6 +90,14 @@ def decode_rgb(image: ImageInput) -> Image.Image:
     return to_rgb(open_image(image))
 
 
+CROP_MODES = ("center", "squash")
+
+
+def check_interpolation(name: str) -> None:
+    """A clear error for an interpolation name PIL does not have."""
+    _pil_interpolation(name)
+
+
 def _pil_interpolation(name: str) -> Resampling:
     try:
         return INTERPOLATIONS[name]
@@ -163,8 +171,8 @@ def eval_transform(
     interpolation=...)` up to its ToTensor; JPEG draft decoding is deliberately never used here.
     `image` is a PIL image, encoded bytes or a path.
     """
-    if crop_mode not in ("center", "squash"):
-        raise ValueError(f"crop_mode must be 'center' or 'squash', got {crop_mode!r}")
+    if crop_mode not in CROP_MODES:
+        raise ValueError(f"crop_mode must be one of {CROP_MODES}, got {crop_mode!r}")
     resample = _pil_interpolation(interpolation)
     size_hw = _as_hw(size)
     scale_hw = (math.floor(size_hw[0] / crop_pct), math.floor(size_hw[1] / crop_pct))

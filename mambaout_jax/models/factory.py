@@ -1,10 +1,13 @@
-"""The front door, shaped like timm's: ``list_models``, ``create_model``, ``model_info``."""
+"""Building a variant: random weights, given parameters, or only its graph; and what it costs.
+
+Pure: nothing here reads or writes a file. Weights from files come through ``convert`` and the
+front door (``mambaout_jax.create_model``).
+"""
 
 from __future__ import annotations
 
 import functools
 import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -15,10 +18,10 @@ from mambaout_jax.models.complexity import compute_cost
 from mambaout_jax.models.layers import ConvImpl, DepthwiseImpl
 from mambaout_jax.models.mambaout import MambaOut
 from mambaout_jax.models.params import param_shapes, set_params
-from mambaout_jax.models.registry import PAPER_MODELS, get_model_spec, list_models  # noqa: F401  (re-export)
+from mambaout_jax.models.registry import PAPER_MODELS, get_model_spec
 
 
-def _build(
+def _construct(
     name: str,
     num_classes: int,
     *,
@@ -28,10 +31,9 @@ def _build(
     dw_conv_impl="auto",
     conv_impl="auto",
     rngs,
-):
-    spec = get_model_spec(name)
+) -> MambaOut:
     return MambaOut(
-        spec.config,
+        get_model_spec(name).config,
         num_classes=num_classes,
         drop_path_rate=drop_path_rate,
         drop_rate=drop_rate,
@@ -42,10 +44,17 @@ def _build(
     )
 
 
-def create_model(
+def abstract_model(name: str, num_classes: int | None = None, **options) -> MambaOut:
+    """The model's graph with abstract (shape-only) parameters: for jitted steps that take the
+    parameters as arguments, and for planning. ``options`` as ``build_model``'s."""
+    spec = get_model_spec(name)
+    classes = spec.eval.num_classes if num_classes is None else num_classes
+    return nnx.eval_shape(lambda: _construct(spec.name, classes, rngs=nnx.Rngs(0), **options))
+
+
+def build_model(
     name: str,
     *,
-    pretrained: str | os.PathLike | None = None,
     num_classes: int | None = None,
     drop_path_rate: float = 0.0,
     drop_rate: float = 0.0,
@@ -55,34 +64,18 @@ def create_model(
     seed: int = 0,
     rngs: nnx.Rngs | None = None,
 ) -> MambaOut:
-    """Build a MambaOut variant, optionally with weights, in inference mode.
+    """A variant with freshly initialised weights (timm's init), in inference mode.
 
-    Args:
-      name: a registered variant (``list_models()``), optionally with a timm tag (``mambaout_tiny.in1k``).
-      pretrained: path to a PyTorch checkpoint (.pth/.pt/.bin/.safetensors, authors' or timm layout,
-        bare or wrapped in {"model": ...}), to a weight file written by this project, or to a
-        training checkpoint directory of ``train.py``. Loading is strict.
-      num_classes: classifier size; 0 removes the classifier (the model returns pre-logits). Defaults
-        to the checkpoint's when ``pretrained`` is given, else to the variant's (1000).
-      dtype: compute dtype (``jnp.bfloat16`` on TPU/GPU); parameters stay float32.
-      dw_conv_impl: depthwise conv form: 'grouped', 'shift', or 'auto' (by backend).
-      conv_impl: dense (stem, downsample) conv form: 'xla', 'im2col', or 'auto' (by backend).
-
-    ``model.train()`` enables drop path / dropout; then call ``model(x, key)`` with a PRNG key.
+    ``num_classes`` defaults to the variant's (1000; 0 removes the classifier). ``rngs`` (or
+    ``nnx.Rngs(seed)``) draws the weights.
     """
     spec = get_model_spec(name)
-    options = dict(
-        drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl, conv_impl=conv_impl
-    )
-    if pretrained is not None:
-        from mambaout_jax.convert import load_pretrained
-
-        _, num_classes, params = load_pretrained(pretrained, model=spec.name, num_classes=num_classes)
-        return model_from_params(spec.name, params, num_classes=num_classes, **options)
-    if num_classes is None:
-        num_classes = spec.eval.num_classes
-    rngs = rngs if rngs is not None else nnx.Rngs(seed)
-    model = _jit_init(functools.partial(_build, spec.name, num_classes, **options), rngs)
+    classes = spec.eval.num_classes if num_classes is None else num_classes
+    build = functools.partial(
+        _construct, spec.name, classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype,
+        dw_conv_impl=dw_conv_impl, conv_impl=conv_impl,
+    )  # fmt: skip
+    model = _jit_init(build, rngs if rngs is not None else nnx.Rngs(seed))
     model.eval()
     return model
 
@@ -99,12 +92,10 @@ def model_from_params(
     conv_impl: ConvImpl = "auto",
 ) -> MambaOut:
     """A model holding ``params`` (flat contract dict, strictly checked), without drawing random weights."""
-    build = functools.partial(
-        _build, get_model_spec(name).name, num_classes,
-        drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl,
-        conv_impl=conv_impl,
-    )
-    model = nnx.eval_shape(lambda: build(rngs=nnx.Rngs(0)))
+    model = abstract_model(
+        name, num_classes, drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype,
+        dw_conv_impl=dw_conv_impl, conv_impl=conv_impl,
+    )  # fmt: skip
     set_params(model, params)
     model.eval()
     return model
@@ -133,8 +124,7 @@ def _jit_init(build, rngs: nnx.Rngs) -> MambaOut:
 @functools.lru_cache(maxsize=64)
 def model_param_shapes(name: str, num_classes: int = 1000) -> dict[str, tuple[int, ...]]:
     """Contract path -> shape of a variant, without allocating any parameter."""
-    abstract = nnx.eval_shape(lambda: _build(name, num_classes, dw_conv_impl="grouped", conv_impl="xla", rngs=nnx.Rngs(0)))
-    return param_shapes(abstract)
+    return param_shapes(abstract_model(name, num_classes, dw_conv_impl="grouped", conv_impl="xla"))
 
 
 def model_info(name: str, *, image_size: int = 224, num_classes: int | None = None) -> dict:

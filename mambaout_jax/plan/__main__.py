@@ -11,6 +11,7 @@ per-chip memory against HBM, FLOPs, every collective and a roofline estimate of 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -21,25 +22,14 @@ if "JAX_PLATFORMS" not in os.environ:
     # Only compiling: stay off any local accelerator (a TPU VM's chips may be busy training).
     jax.config.update("jax_platforms", "cpu")
 
-
-def _config_root_on_path(argv: list[str]) -> None:
-    """Config files import ``configs.common``: put the folder holding ``configs/`` on sys.path."""
-    for i, arg in enumerate(argv):
-        if arg.startswith("--config="):
-            path = arg.split("=", 1)[1]
-        elif arg == "--config" and i + 1 < len(argv):
-            path = argv[i + 1]
-        else:
-            continue
-        root = str(Path(path).resolve().parent.parent)
-        if root not in sys.path:
-            sys.path.insert(0, root)
-
-
-_config_root_on_path(sys.argv)
-
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
+
+from mambaout_jax.plan.planner import plan_training  # noqa: E402
+from mambaout_jax.plan.report import format_plan, plan_to_dict  # noqa: E402
+from mambaout_jax.plan.topology import TopologyError  # noqa: E402
+from mambaout_jax.train.mesh import ShardingConfigError  # noqa: E402
+from mambaout_jax.train.recipe import ConfigError  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Python config file (configs/*.py).", lock_config=True)
 _TOPOLOGY = flags.DEFINE_string(
@@ -56,13 +46,6 @@ _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (--noeval sk
 
 def main(argv) -> int:
     del argv
-    import json
-
-    from mambaout_jax.plan.planner import plan_training
-    from mambaout_jax.plan.report import format_plan, plan_to_dict
-    from mambaout_jax.plan.topology import TopologyError
-    from mambaout_jax.train.mesh import ShardingConfigError
-    from mambaout_jax.train.program import ConfigError
 
     config = _CONFIG.value
     if config is None:

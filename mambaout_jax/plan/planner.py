@@ -27,8 +27,8 @@ from mambaout_jax.plan.compile import StepCompile, compile_step, probe_hbm_limit
 from mambaout_jax.plan.expectations import CollectiveCheck, check_collectives
 from mambaout_jax.plan.topology import Topology, load_topology
 from mambaout_jax.train import mesh as mesh_lib
-from mambaout_jax.train.program import TrainProgram, build_program, compute_dtype, eval_settings
-from mambaout_jax.train.trainer import eval_batch_size
+from mambaout_jax.train.program import TrainProgram, build_program
+from mambaout_jax.train.recipe import compute_dtype, eval_batch_size, eval_preprocessing
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k train split: what "epoch time" refers to
 
@@ -137,7 +137,7 @@ def compile_train(program: TrainProgram, topology: Topology) -> StepPlan:
 
 def compile_eval(program: TrainProgram, topology: Topology) -> StepPlan:
     c = program.config
-    size = eval_settings(c)["image_size"]
+    size = eval_preprocessing(c).image_size
     batch = eval_batch_size(c)
     compiled = compile_step(
         program.eval.eval_step, program.abstract_state().params, abstract_eval_batch(program, batch, size)

@@ -1,126 +1,90 @@
-"""Checkpoints of a run: orbax ``CheckpointManager`` saving train state + data-iterator state together.
+"""A run's checkpoints: orbax ``CheckpointManager`` saving train state + data-iterator state together.
 
-Layout: ``<workdir>/checkpoints/<step>/{state,data_iterator,meta}``. Saves are asynchronous and
-atomic (orbax writes to a temporary directory and renames on commit), so a run killed at any moment
-restarts from the last *complete* checkpoint. ``meta`` records the model and class count so a
-checkpoint can be evaluated or converted without its config.
+The layout (``convert.run_checkpoint``: ``<workdir>/checkpoints/<step>/{state,data_iterator,meta}``)
+is read there, so evaluation and conversion need nothing from this layer. Saves are asynchronous
+and atomic (orbax writes to a temporary directory and renames on commit), so a run killed at any
+moment restarts from the last *complete* checkpoint. When to save is decided in one place: the
+manager's policy (every ``every_steps`` steps, and at a multi-host preemption sync point), asked
+through ``should_save``; the trainer adds only the forced saves (preemption notice, last step).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
-import jax
-import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers
 
+from mambaout_jax.convert.run_checkpoint import META, STATE, checkpoint_dir
 from mambaout_jax.data.checkpointing import restore_args, save_args
-
-STATE = "state"
-META = "meta"
+from mambaout_jax.train.recipe import ConfigError
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
-    return Path(workdir).absolute() / "checkpoints"
-
-
-def make_manager(workdir: str | os.PathLike, *, keep: int, interval_steps: int, async_save: bool = True) -> ocp.CheckpointManager:
+def _manager(workdir, *, keep: int = 1, every_steps: int = 1, async_save: bool = True, read_only: bool = False):
+    policy = checkpoint_managers.AnySavePolicy(
+        [checkpoint_managers.FixedIntervalPolicy(every_steps), checkpoint_managers.PreemptionCheckpointingPolicy()]
+    )
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep,
-        save_interval_steps=interval_steps,
+        save_decision_policy=policy,
         enable_async_checkpointing=async_save,
-        create=True,
+        create=not read_only,
+        read_only=read_only,
     )
     return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
-def save(mngr: ocp.CheckpointManager, step: int, state, data_iterator, meta: dict, *, force: bool = False) -> bool:
-    """Save (if the interval says so, or ``force``); returns whether a save started."""
-    return mngr.save(
-        step,
-        args=save_args(data_iterator, **{STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(meta)}),
-        force=force,
-    )
+class RunCheckpoints:
+    """The checkpoints of the run in ``workdir``: save, find the latest, restore."""
+
+    def __init__(self, workdir: str | os.PathLike, meta: dict, *, keep: int, every_steps: int):
+        self.meta = meta
+        self._mngr = _manager(workdir, keep=keep, every_steps=every_steps)
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def should_save(self, step: int) -> bool:
+        return self._mngr.should_save(step)
+
+    def reached_preemption(self, step: int) -> bool:
+        return self._mngr.reached_preemption(step)
+
+    def save(self, step: int, state, data_iterator, *, force: bool = False) -> bool:
+        """Start saving ``step`` (asynchronously) when the policy says so, or ``force``; whether it started."""
+        items = {STATE: ocp.args.StandardSave(state), META: ocp.args.JsonSave(self.meta)}
+        return self._mngr.save(step, args=save_args(data_iterator, **items), force=force)
+
+    def restore(self, step: int, abstract_state, data_iterator) -> Any:
+        return restore(self._mngr, step, abstract_state, data_iterator)
+
+    def wait_until_finished(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def close(self) -> None:
+        self._mngr.wait_until_finished()
+        self._mngr.close()
 
 
-def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator) -> tuple[Any, dict]:
+def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterator) -> Any:
     """Restore ``step`` into the shardings of ``abstract_state``; ``data_iterator`` is set in place."""
     restored = mngr.restore(
         step,
-        args=restore_args(
-            data_iterator, **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}
-        ),
+        args=restore_args(data_iterator, **{STATE: ocp.args.StandardRestore(abstract_state), META: ocp.args.JsonRestore()}),
     )
-    return restored[STATE], restored[META]
+    return restored[STATE]
 
 
-def _find_step_dir(path: Path) -> Path:
-    """Accept a workdir, its checkpoints/ folder, or one step folder; return the step folder."""
-    if (path / STATE).is_dir():
-        return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    steps = sorted((int(p.name), p) for p in root.iterdir() if p.name.isdigit() and (p / STATE).is_dir())
-    if not steps:
-        raise FileNotFoundError(f"{path}: no training checkpoint found (expected <workdir>/checkpoints/<step>/state)")
-    return steps[-1][1]
-
-
-def load_params_from_run(
-    path: str | os.PathLike, *, model: str | None = None, num_classes: int | None = None, use_ema: bool = True
-) -> tuple[str, int, dict[str, np.ndarray]]:
-    """Parameters of a ``train.py`` checkpoint as ``(model, num_classes, params)``, on the host.
-
-    Prefers the EMA weights when the run kept them. Only the parameter arrays are read.
-    """
-    from mambaout_jax.convert.torch_io import CheckpointError
-
+def restore_from_other_run(workdir: str | os.PathLike, abstract_state, data_iterator) -> tuple[int, Any]:
+    """``(step, state)`` of another run's latest checkpoint, opened read-only: nothing is written there."""
+    if not checkpoint_dir(workdir).is_dir():
+        raise ConfigError(f"--resume {workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
+    other = _manager(workdir, async_save=False, read_only=True)
     try:
-        step_dir = _find_step_dir(Path(path))
-    except (FileNotFoundError, NotADirectoryError) as e:
-        raise CheckpointError(str(e)) from None
-    meta = ocp.JsonCheckpointHandler().restore(step_dir / META) if (step_dir / META).exists() else {}
-    saved_model, saved_classes = meta.get("model"), meta.get("num_classes")
-    if not saved_model and model is None:
-        raise CheckpointError(
-            f"{step_dir}: the checkpoint records no model name (no {META}/ item with a 'model' entry); "
-            "pass the variant it was trained as: --model NAME (model=NAME)"
-        )
-    if model is not None:
-        from mambaout_jax.models.registry import get_model_spec
-
-        model = get_model_spec(model).name  # timm's name.tag form names the same weights
-    if model is not None and saved_model and model != saved_model:
-        raise CheckpointError(f"{step_dir}: holds {saved_model} weights, not {model}")
-    if saved_classes is not None and num_classes not in (None, saved_classes):
-        raise CheckpointError(
-            f"{step_dir}: was trained with {saved_classes} classes, but num_classes={num_classes} was asked for"
-        )
-    model = saved_model or model
-    # The item handler directly: a step's items carry no per-item checkpoint metadata file.
-    handler = ocp.PyTreeCheckpointHandler()
-    tree = handler.metadata(step_dir / STATE)
-    tree = getattr(tree, "tree", tree)
-    key = "ema_params" if use_ema and tree.get("ema_params") else "params"
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    target = {key: {k: ocp.ArrayRestoreArgs(sharding=cpu) for k in tree[key]}}
-    restored = handler.restore(
-        step_dir / STATE, args=ocp.args.PyTreeRestore(item=target, restore_args=target, partial_restore=True)
-    )
-    params = {k: np.asarray(v) for k, v in restored[key].items()}
-    if saved_classes is None:  # no meta: the classifier's shape says it (0: no classifier)
-        head = params.get("head/fc/kernel")
-        saved_classes = int(head.shape[-1]) if head is not None else 0
-        if num_classes not in (None, saved_classes):
-            raise CheckpointError(
-                f"{step_dir}: has a {saved_classes}-class classifier, but num_classes={num_classes} was asked for"
-            )
-        # The variant is the caller's word, not the checkpoint's: check it holds that model's weights.
-        from mambaout_jax.models.factory import model_param_shapes
-        from mambaout_jax.models.params import describe_mismatch
-
-        problem = describe_mismatch(model_param_shapes(model, saved_classes), {k: v.shape for k, v in params.items()})
-        if problem:
-            raise CheckpointError(f"{step_dir}: does not hold {model} weights:\n{problem}")
-    return model, int(saved_classes), params
+        step = other.latest_step()
+        if step is None:
+            raise ConfigError(f"--resume {workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
+        return step, restore(other, step, abstract_state, data_iterator)
+    finally:
+        other.close()

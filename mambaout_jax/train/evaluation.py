@@ -7,6 +7,7 @@ import time
 import jax
 
 from mambaout_jax import data as data_lib
+from mambaout_jax.data.pipeline import LoaderOptions
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.program import EvalProgram
 
@@ -30,29 +31,20 @@ def evaluate(
     source,
     *,
     batch_size: int,
-    settings: dict,
-    worker_count: int = 0,
-    strict: bool = False,
+    loader: LoaderOptions = LoaderOptions(),
 ) -> dict:
     """Top-1, top-5 and mean loss over ``source``.
 
     The split is padded to whole global batches and the padding masked out, so the counts are
     exact whatever the split size, and every process runs the same number of steps.
-    ``settings``: image_size, crop_pct, interpolation, crop_mode (the model's eval transform).
+    Images are prepared with the program's ``preprocessing`` (resize, crop, normalisation).
     """
     if len(source) == 0:
         raise EmptySplitError(f"nothing to evaluate: the split {_describe(source)} has no examples")
     mesh_lib.check_global_batch(batch_size, program.mesh)
     params = jax.device_put(params, program.param_shardings)
     it = data_lib.make_eval_iterator(
-        source,
-        global_batch_size=batch_size,
-        image_size=settings["image_size"],
-        crop_pct=settings["crop_pct"],
-        interpolation=settings["interpolation"],
-        crop_mode=settings.get("crop_mode", "center"),
-        worker_count=worker_count,
-        strict=strict,
+        source, global_batch_size=batch_size, preprocessing=program.preprocessing, loader=loader
     )
     totals = None
     start = time.perf_counter()

@@ -33,10 +33,14 @@ class ShardingConfigError(ValueError):
     pass
 
 
-def make_mesh(devices: Sequence[jax.Device] | None = None, axis_name: str = DATA_AXIS) -> Mesh:
-    """A 1-D mesh over ``devices`` (default: every device of every process)."""
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The 1-D ``data`` mesh over ``devices`` (default: every device of every process).
+
+    ``jax.make_mesh`` orders the devices by the physical topology on TPU; the axis is ``Auto``, so
+    XLA's SPMD partitioner places whatever the shardings leave open.
+    """
     devices = list(jax.devices() if devices is None else devices)
-    return Mesh(np.asarray(devices).reshape(len(devices)), (axis_name,))
+    return jax.make_mesh((len(devices),), (DATA_AXIS,), (jax.sharding.AxisType.Auto,), devices=devices)
 
 
 def resolve_rules(rules: str | Sequence[Sequence[str]]) -> tuple[tuple[str, str], ...]:

@@ -14,40 +14,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
-from mambaout_jax.models.factory import _build, model_param_shapes
+from mambaout_jax.data.preprocessing import EvalPreprocessing, resolve_eval_preprocessing
+from mambaout_jax.models.factory import abstract_model, model_param_shapes
 from mambaout_jax.models.layers import resolve_conv_impl, resolve_depthwise_impl
 from mambaout_jax.models.registry import get_model_spec
 from mambaout_jax.train import mesh as mesh_lib
+from mambaout_jax.train import recipe
 from mambaout_jax.train.optim import lr_schedule, make_optimizer
-from mambaout_jax.train.steps import AugmentConfig, ModelFn, TrainState, make_eval_step, make_train_step
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; raised before anything compiles."""
-
-
-def compute_dtype(config) -> Any:
-    if config.compute_dtype not in DTYPES:
-        raise ConfigError(f"compute_dtype must be one of {sorted(DTYPES)}, got {config.compute_dtype!r}")
-    return DTYPES[config.compute_dtype]
-
-
-def eval_settings(config) -> dict:
-    """The model's eval preprocessing (timm's pretrained config), with the config's overrides."""
-    ev = get_model_spec(config.model).eval
-    return {
-        "image_size": config.data.eval_image_size or ev.input_size,
-        "crop_pct": config.data.eval_crop_pct or ev.crop_pct,
-        "interpolation": ev.interpolation,
-        "crop_mode": ev.crop_mode,
-        "mean": ev.mean,
-        "std": ev.std,
-    }
+from mambaout_jax.train.recipe import ConfigError
+from mambaout_jax.train.steps import ModelFn, TrainState, make_eval_step, make_train_step
 
 
 @dataclasses.dataclass
@@ -56,6 +33,7 @@ class EvalProgram:
 
     mesh: Mesh
     num_classes: int
+    preprocessing: EvalPreprocessing  # how images are prepared for it: resize, crop, normalisation
     param_shardings: dict[str, NamedSharding]
     eval_step: Any
 
@@ -65,32 +43,31 @@ def build_eval_program(
     num_classes: int,
     mesh: Mesh,
     *,
+    preprocessing: EvalPreprocessing | None = None,
     compute_dtype=jnp.float32,
     dw_conv_impl: str = "auto",
-    mean=None,
-    std=None,
     sharding: str = "data_parallel",
 ) -> EvalProgram:
+    """The eval step of ``model``; its input is prepared by ``preprocessing`` (default: the model's)."""
     spec = get_model_spec(model)
+    preprocessing = preprocessing or resolve_eval_preprocessing(spec)
     dw_impl, conv_impl = conv_impls_for(mesh, dw_conv_impl)
-    module = nnx.eval_shape(
-        lambda: _build(
-            spec.name, num_classes, dtype=compute_dtype, dw_conv_impl=dw_impl, conv_impl=conv_impl, rngs=nnx.Rngs(0)
-        )
-    )
+    module = abstract_model(spec.name, num_classes, dtype=compute_dtype, dw_conv_impl=dw_impl, conv_impl=conv_impl)
     shapes = model_param_shapes(spec.name, num_classes)
     p_shard = mesh_lib.param_shardings(shapes, mesh, sharding)
     step = make_eval_step(
         ModelFn(module, train=False),
         num_classes=num_classes,
-        mean=spec.eval.mean if mean is None else mean,
-        std=spec.eval.std if std is None else std,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
         compute_dtype=compute_dtype,
     )
     b = mesh_lib.batch_sharding(mesh)
     eval_batch = {"image": b, "label": b, "mask": b}
     jitted = jax.jit(step, in_shardings=(p_shard, eval_batch), out_shardings=mesh_lib.replicated(mesh))
-    return EvalProgram(mesh=mesh, num_classes=num_classes, param_shardings=p_shard, eval_step=jitted)
+    return EvalProgram(
+        mesh=mesh, num_classes=num_classes, preprocessing=preprocessing, param_shardings=p_shard, eval_step=jitted
+    )
 
 
 @dataclasses.dataclass
@@ -142,35 +119,24 @@ def conv_impls_for(mesh: Mesh, dw_conv_impl: str = "auto") -> tuple[str, str]:
     return resolve_depthwise_impl(dw_conv_impl, platform), resolve_conv_impl("auto", platform)
 
 
-def build_model(config, mesh: Mesh, *, dw_conv_impl: str | None = None):
-    """The NNX model of a config (random init happens separately; here only the graph matters)."""
-    dw_impl, conv_impl = conv_impls_for(mesh, dw_conv_impl or config.dw_conv_impl)
-    return nnx.eval_shape(
-        lambda: _build(
-            config.model,
-            config.num_classes,
-            drop_path_rate=config.drop_path_rate,
-            dtype=compute_dtype(config),
-            dw_conv_impl=dw_impl,
-            conv_impl=conv_impl,
-            rngs=nnx.Rngs(0),
-        )
-    )
-
-
 def build_program(
     config, mesh: Mesh, *, steps_per_epoch: int, dw_conv_impl: str | None = None
 ) -> TrainProgram:
     """Validate the config against the mesh, then build and jit everything (nothing compiles yet)."""
-    get_model_spec(config.model)  # unknown model -> clear error
+    spec = get_model_spec(config.model)  # unknown model -> clear error
     if config.num_classes <= 0:
         raise ConfigError(f"num_classes must be positive for training, got {config.num_classes}")
     micro = mesh_lib.check_global_batch(config.batch_size, mesh, config.grad_accum_steps)
-    dtype = compute_dtype(config)
-    ev = eval_settings(config)
+    dtype = recipe.compute_dtype(config)
+    preprocessing = recipe.eval_preprocessing(config)
+    dw_conv_impl = dw_conv_impl or config.dw_conv_impl
 
-    model = build_model(config, mesh, dw_conv_impl=dw_conv_impl)
-    shapes = model_param_shapes(get_model_spec(config.model).name, config.num_classes)
+    dw_impl, conv_impl = conv_impls_for(mesh, dw_conv_impl)
+    model = abstract_model(
+        spec.name, config.num_classes, drop_path_rate=config.drop_path_rate, dtype=dtype, dw_conv_impl=dw_impl,
+        conv_impl=conv_impl,
+    )  # fmt: skip
+    shapes = model_param_shapes(spec.name, config.num_classes)
     schedule = lr_schedule(
         base_lr=config.lr,
         epochs=config.epochs,
@@ -200,23 +166,17 @@ def build_program(
     )
     batch_sharding = mesh_lib.batch_sharding(mesh)
 
-    augment = AugmentConfig(
-        num_classes=config.num_classes,
-        mean=ev["mean"],
-        std=ev["std"],
-        mixup_alpha=config.aug.mixup_alpha,
-        cutmix_alpha=config.aug.cutmix_alpha,
-        mix_prob=config.aug.mix_prob,
-        switch_prob=config.aug.switch_prob,
-        label_smoothing=config.aug.label_smoothing,
-        erase_prob=config.aug.erase_prob,
-        mix_groups=mesh.devices.size,
-    )
     train_step = make_train_step(
         ModelFn(model, train=True),
         tx,
         schedule,
-        augment,
+        augmentation=recipe.batch_augmentation(config),
+        num_classes=config.num_classes,
+        mean=preprocessing.mean,
+        std=preprocessing.std,
+        # Mixup/CutMix pair examples within each device's share, like the per-GPU mixing of the
+        # authors' DistributedDataParallel run.
+        mix_groups=mesh.devices.size,
         seed=config.seed,
         grad_accum_steps=config.grad_accum_steps,
         compute_dtype=dtype,
@@ -238,13 +198,12 @@ def build_program(
             train_step, in_shardings=(state_shardings, train_batch), out_shardings=(state_shardings, rep), donate_argnums=0
         ),
         eval=build_eval_program(
-            config.model,
+            spec.name,
             config.num_classes,
             mesh,
+            preprocessing=preprocessing,
             compute_dtype=dtype,
-            dw_conv_impl=dw_conv_impl or config.dw_conv_impl,
-            mean=ev["mean"],
-            std=ev["std"],
+            dw_conv_impl=dw_conv_impl,
             sharding=config.sharding,
         ),
     )

@@ -7,7 +7,6 @@ a graphdef here: ``nnx.merge`` happens at trace time, never per step in Python.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax
@@ -16,7 +15,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from mambaout_jax.data.batch_transforms import augment_train_batch, normalize
+from mambaout_jax.data.batch_transforms import BatchAugmentation, augment_train_batch, normalize
 from mambaout_jax.models.mambaout import MambaOut
 from mambaout_jax.models.params import path_str
 
@@ -45,30 +44,6 @@ class ModelFn:
         return nnx.merge(self.graphdef, state)(images, key)
 
 
-@dataclasses.dataclass(frozen=True)
-class AugmentConfig:
-    """Device-side augmentation of the recipe (see ``data.batch_transforms``)."""
-
-    num_classes: int
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-    mixup_alpha: float = 0.8
-    cutmix_alpha: float = 1.0
-    mix_prob: float = 1.0
-    switch_prob: float = 0.5
-    label_smoothing: float = 0.1
-    erase_prob: float = 0.25
-    # Mixup/CutMix pair examples within groups; one group per device keeps it local, like the
-    # per-GPU mixing of the authors' DistributedDataParallel run.
-    mix_groups: int = 1
-
-
-def soft_target_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Per-example ``-sum(t * log_softmax(z))`` in float32 (timm's SoftTargetCrossEntropy, unreduced)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    return -jnp.sum(targets.astype(jnp.float32) * logp, axis=-1)
-
-
 def _microbatches(x: jax.Array, k: int) -> jax.Array:
     """(B, ...) -> (B/k, k, ...): micro-batch j is rows j, j+k, j+2k, ... of the batch.
 
@@ -82,8 +57,12 @@ def make_train_step(
     model_fn: ModelFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
-    augment: AugmentConfig,
     *,
+    augmentation: BatchAugmentation,
+    num_classes: int,
+    mean,
+    std,
+    mix_groups: int = 1,
     seed: int,
     grad_accum_steps: int = 1,
     compute_dtype=jnp.float32,
@@ -100,7 +79,7 @@ def make_train_step(
 
     def loss_fn(params, images, targets, key):
         logits = model_fn(params, images, key)
-        return jnp.mean(soft_target_cross_entropy(logits, targets))
+        return jnp.mean(optax.softmax_cross_entropy(logits, targets))  # logits and targets float32
 
     grad_fn = jax.value_and_grad(loss_fn)
 
@@ -113,21 +92,9 @@ def make_train_step(
             grads_sum, loss_sum = carry
             k_aug, k_model = jax.random.split(jax.random.fold_in(step_key, j))
             x, targets = augment_train_batch(
-                k_aug,
-                images[:, j],
-                labels[:, j],
-                num_classes=augment.num_classes,
-                mean=augment.mean,
-                std=augment.std,
-                dtype=compute_dtype,
-                mixup_alpha=augment.mixup_alpha,
-                cutmix_alpha=augment.cutmix_alpha,
-                mix_prob=augment.mix_prob,
-                switch_prob=augment.switch_prob,
-                label_smoothing=augment.label_smoothing,
-                erase_prob=augment.erase_prob,
-                num_groups=augment.mix_groups,
-            )
+                k_aug, images[:, j], labels[:, j], augmentation,
+                num_classes=num_classes, mean=mean, std=std, dtype=compute_dtype, num_groups=mix_groups,
+            )  # fmt: skip
             loss, grads = grad_fn(state.params, x, targets, k_model)
             return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
 
@@ -177,7 +144,7 @@ def make_eval_step(
         logits = model_fn(params, x).astype(jnp.float32)
         labels = batch["label"]
         mask = batch["mask"].astype(jnp.float32)
-        loss = soft_target_cross_entropy(logits, jax.nn.one_hot(labels, num_classes))
+        loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         top1 = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
         _, top_idx = jax.lax.top_k(logits, topk)
         top5 = jnp.any(top_idx == labels[:, None], axis=-1).astype(jnp.float32)

@@ -1,7 +1,10 @@
-"""The training run, top to bottom: data, program, initial state, loop, checkpoints, evaluation.
+"""The training run, top to bottom: mesh, data, program, initial state, the loop, checkpoints, evaluation.
 
 ``train.py`` parses flags and calls ``train(config, workdir)``; everything a run does is here, in
-the order it happens. Multi-host runs call ``jax.distributed.initialize()`` before this.
+the order it happens, with each concern in a named piece: ``Preemption`` (SIGTERM, and JAX's sync
+point on multi-host slices), ``StepMetrics`` (device metrics fetched together, divergence checks,
+the records and the progress line), ``run_evaluation``. Multi-host runs call
+``jax.distributed.initialize()`` before this.
 """
 
 from __future__ import annotations
@@ -14,13 +17,19 @@ from pathlib import Path
 import jax
 
 from mambaout_jax import data as data_lib
+from mambaout_jax.convert.run_checkpoint import checkpoint_dir
+from mambaout_jax.convert.weights import load_weights
 from mambaout_jax.data.digits import write_digits_folder
+from mambaout_jax.models.factory import build_model
+from mambaout_jax.models.params import get_params
 from mambaout_jax.models.registry import get_model_spec
 from mambaout_jax.train import checkpoint as ckpt_lib
 from mambaout_jax.train import mesh as mesh_lib
-from mambaout_jax.train.metrics import MetricsWriter, format_eta
+from mambaout_jax.train import recipe
 from mambaout_jax.train.evaluation import evaluate
-from mambaout_jax.train.program import ConfigError, TrainProgram, build_program, eval_settings
+from mambaout_jax.train.metrics import MetricsWriter, format_eta
+from mambaout_jax.train.program import TrainProgram, build_program
+from mambaout_jax.train.recipe import ConfigError
 
 
 class TrainingDiverged(RuntimeError):
@@ -61,30 +70,6 @@ def check_local_path(what: str, path: str | os.PathLike) -> None:
         )
 
 
-def make_train_iterator(config, source):
-    a = config.aug
-    return data_lib.make_train_iterator(
-        source,
-        global_batch_size=config.batch_size,
-        seed=config.seed,
-        image_size=config.data.image_size,
-        random_resized_crop=a.random_resized_crop,
-        scale=tuple(a.scale),
-        ratio=tuple(a.ratio),
-        interpolation=a.interpolation,
-        hflip=a.hflip,
-        rand_augment=a.rand_augment or None,
-        jpeg_draft=a.jpeg_draft,
-        worker_count=config.data.worker_count,
-        read_threads=config.data.read_threads,
-        strict=config.data.strict,
-    )
-
-
-def eval_batch_size(config) -> int:
-    return config.eval_batch_size or config.batch_size // config.grad_accum_steps
-
-
 # ---------------------------------------------------------------------------------------------
 # Initial state: own checkpoint > --resume > init_from > scratch
 # ---------------------------------------------------------------------------------------------
@@ -93,41 +78,142 @@ def eval_batch_size(config) -> int:
 def initial_params(config) -> tuple[dict, str]:
     """Weights to start a new run from: ``init_from`` (PyTorch, Flax or a run) or a fresh init."""
     if config.init_from:
-        from mambaout_jax.convert import load_pretrained
-
-        _, _, params = load_pretrained(config.init_from, model=config.model, num_classes=config.num_classes)
-        return params, f"weights from {config.init_from}"
-    from mambaout_jax.models.factory import create_model
-    from mambaout_jax.models.params import get_params
-
-    model = create_model(config.model, num_classes=config.num_classes, seed=config.seed, dw_conv_impl="grouped")
+        weights = load_weights(config.init_from, model=config.model, num_classes=config.num_classes)
+        return weights.params, f"weights from {config.init_from}"
+    model = build_model(config.model, num_classes=config.num_classes, seed=config.seed, dw_conv_impl="grouped")
     return get_params(model), f"scratch (seed {config.seed})"
 
 
-def restore_or_init(program: TrainProgram, mngr, train_iter, resume: str | None, log):
-    """Returns the train state to start from, restoring the data iterator alongside when possible."""
+def restore_or_init(program: TrainProgram, checkpoints: ckpt_lib.RunCheckpoints, train_iter, resume, log):
+    """The train state to start from, restoring the data iterator alongside when possible."""
     abstract = program.abstract_state()
-    latest = mngr.latest_step()
+    latest = checkpoints.latest_step()
     if latest is not None:
-        state, _ = ckpt_lib.restore(mngr, latest, abstract, train_iter)
+        state = checkpoints.restore(latest, abstract, train_iter)
         log(f"resumed from this run's checkpoint at step {latest}")
         return state
     if resume:
-        if not ckpt_lib.checkpoint_dir(resume).is_dir():  # checked first: the manager would create it
-            raise ConfigError(f"--resume {resume}: no checkpoint found in {ckpt_lib.checkpoint_dir(resume)}")
-        other = ckpt_lib.make_manager(resume, keep=1, interval_steps=1, async_save=False)
-        try:
-            step = other.latest_step()
-            if step is None:
-                raise ConfigError(f"--resume {resume}: no checkpoint found in {ckpt_lib.checkpoint_dir(resume)}")
-            state, _ = ckpt_lib.restore(other, step, abstract, train_iter)
-        finally:
-            other.close()
+        step, state = ckpt_lib.restore_from_other_run(resume, abstract, train_iter)
         log(f"resumed from {resume} at step {step}")
         return state
     params, origin = initial_params(program.config)
     log(f"starting from {origin}")
     return program.init_state(params)
+
+
+# ---------------------------------------------------------------------------------------------
+# Preemption, step metrics, evaluation
+# ---------------------------------------------------------------------------------------------
+
+
+class Preemption:
+    """Whether the run should save and stop now (a preemption notice, SIGTERM).
+
+    Multi-host, JAX's distributed runtime owns SIGTERM (its preemption notifier, installed by
+    ``jax.distributed.initialize``) and every host stops at the same step through its sync point,
+    which orbax's manager exposes; a Python handler would replace the notifier's, so one is
+    installed only for a single process. Use as a context manager: the previous handler comes back.
+    """
+
+    def __init__(self, checkpoints: ckpt_lib.RunCheckpoints):
+        self._checkpoints = checkpoints
+        self._multi_host = jax.process_count() > 1
+        self._signalled = False
+        self._previous = None
+
+    def __enter__(self) -> Preemption:
+        if not self._multi_host:
+            self._previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:  # None also when the old handler was not Python's
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _on_sigterm(self, *_) -> None:
+        self._signalled = True
+
+    def requested(self, step: int) -> bool:
+        if self._multi_host:
+            return self._checkpoints.reached_preemption(step)
+        return self._signalled
+
+
+class StepMetrics:
+    """The train step's device metrics, fetched from the devices a log interval at a time.
+
+    ``record`` keeps each step's metrics on the device (no per-step sync); ``drain`` fetches them
+    together, stops the run on the first non-finite step, and writes the logged steps' records
+    (``metrics.jsonl``, TensorBoard) and the progress line. Timing starts after the first step,
+    which is mostly compilation.
+    """
+
+    def __init__(self, writer: MetricsWriter, config, *, steps_per_epoch: int, total_steps: int):
+        self.writer = writer
+        self.log_every = config.log_every_steps
+        self.batch_size = config.batch_size
+        self.steps_per_epoch = steps_per_epoch
+        self.total_steps = total_steps
+        self.last_good_checkpoint: int | None = None
+        self._pending: list[tuple[int, dict]] = []
+        self._timer: tuple[float, int] | None = None  # (time, step) of the last drain
+
+    def record(self, step: int, metrics: dict) -> None:
+        self._pending.append((step, metrics))
+
+    def start_timing(self, step: int) -> None:
+        self._timer = (time.perf_counter(), step)
+
+    def due(self, step: int) -> bool:
+        return step % self.log_every == 0
+
+    def drain(self, step: int, workdir) -> None:
+        steps = [s for s, _ in self._pending]
+        fetched = list(zip(steps, jax.device_get([m for _, m in self._pending])))
+        self._pending = []
+        for s, m in fetched:
+            if not m["finite"]:
+                raise TrainingDiverged(
+                    f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}; stopping. "
+                    f"The last good checkpoint is step {self.last_good_checkpoint} in {checkpoint_dir(workdir)}"
+                )
+        timing = self._timing(step)
+        for s, m in fetched:
+            if s % self.log_every == 0 or s == step:
+                values = {k: m[k] for k in ("loss", "lr", "grad_norm", "param_norm")}
+                self.writer.write("train", s, {**values, **timing, "epoch": s / self.steps_per_epoch})
+        if fetched:
+            self._progress(step, fetched[-1][1], timing)
+
+    def _timing(self, step: int) -> dict:
+        if self._timer is None or step <= self._timer[1]:
+            return {}
+        now = time.perf_counter()
+        step_time = (now - self._timer[0]) / (step - self._timer[1])
+        self._timer = (now, step)
+        return {"step_time": step_time, "images_per_sec": self.batch_size / step_time}
+
+    def _progress(self, step: int, last: dict, timing: dict) -> None:
+        speed = ""
+        if timing:
+            eta = format_eta((self.total_steps - step) * timing["step_time"])
+            speed = f"{timing['images_per_sec']:.1f} img/s ETA {eta}"
+        self.writer.progress(
+            f"step {step}/{self.total_steps} epoch {step / self.steps_per_epoch:.2f} loss {float(last['loss']):.4f} "
+            f"lr {float(last['lr']):.2e} |g| {float(last['grad_norm']):.3f} {speed}"
+        )
+
+
+def run_evaluation(program: TrainProgram, state, eval_source, config, writer: MetricsWriter, step: int) -> dict:
+    """Accuracy of the current weights (the EMA when the run keeps one) on the eval split, logged."""
+    params = state.ema_params if state.ema_params is not None else state.params
+    result = evaluate(
+        program.eval, params, eval_source, batch_size=recipe.eval_batch_size(config), loader=recipe.loader_options(config)
+    )
+    result["step"] = step
+    writer.write("eval", step, result)
+    writer.message(f"eval @ step {step}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  loss {result['loss']:.4f}")
+    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,13 +234,11 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
     # ---- Mesh and data ----
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_global_batch(config.batch_size, mesh, config.grad_accum_steps)
-    mesh_lib.check_global_batch(eval_batch_size(config), mesh)
+    mesh_lib.check_global_batch(recipe.eval_batch_size(config), mesh)
     train_source, eval_source = make_sources(config)
-    num_classes = len(getattr(train_source, "classes", ())) or config.num_classes
-    if num_classes != config.num_classes:
-        raise ConfigError(
-            f"the dataset has {num_classes} classes but config.num_classes={config.num_classes}"
-        )
+    classes = tuple(getattr(train_source, "classes", ()))
+    if classes and len(classes) != config.num_classes:
+        raise ConfigError(f"the dataset has {len(classes)} classes but config.num_classes={config.num_classes}")
     steps_per_epoch = len(train_source) // config.batch_size
     if steps_per_epoch == 0:
         raise ConfigError(f"the train split has {len(train_source)} examples, fewer than one batch ({config.batch_size})")
@@ -163,111 +247,62 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
     program = build_program(config, mesh, steps_per_epoch=steps_per_epoch)
     total_steps = program.total_steps if config.max_steps <= 0 else min(config.max_steps, program.total_steps)
     writer = MetricsWriter(workdir, total_steps=total_steps)
-    log = writer.message
-    log(
+    writer.message(
         f"{config.model}: {len(train_source)} train / {len(eval_source)} eval examples, "
         f"{mesh.devices.size} devices x {jax.process_count()} processes, global batch {config.batch_size} "
         f"(x{config.grad_accum_steps} accumulation), {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
 
     # ---- Initial state and checkpoints ----
-    train_iter = make_train_iterator(config, train_source)
-    mngr = ckpt_lib.make_manager(workdir, keep=config.keep_checkpoints, interval_steps=config.checkpoint_every_steps)
-    state = restore_or_init(program, mngr, train_iter, resume, log)
+    train_iter = data_lib.make_train_iterator(
+        train_source, global_batch_size=config.batch_size, seed=config.seed,
+        transform=recipe.host_augmentation(config), loader=recipe.loader_options(config),
+    )  # fmt: skip
+    meta = {
+        "model": get_model_spec(config.model).name,
+        "num_classes": config.num_classes,
+        "classes": list(classes),
+        "config": config.to_json(),
+    }
+    checkpoints = ckpt_lib.RunCheckpoints(workdir, meta, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
+    state = restore_or_init(program, checkpoints, train_iter, resume, writer.message)
     step = int(jax.device_get(state.step))
-    meta = {"model": get_model_spec(config.model).name, "num_classes": config.num_classes, "config": config.to_json()}
-    eval_cfg = eval_settings(config)
-
-    def run_eval(at_step: int) -> dict:
-        params = state.ema_params if state.ema_params is not None else state.params
-        result = evaluate(
-            program.eval, params, eval_source, batch_size=eval_batch_size(config), settings=eval_cfg,
-            worker_count=config.data.worker_count, strict=config.data.strict,
-        )  # fmt: skip
-        result["step"] = at_step
-        writer.write("eval", at_step, result)
-        log(f"eval @ step {at_step}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  loss {result['loss']:.4f}")
-        return result
-
-    # ---- Preemption: SIGTERM saves and exits cleanly ----
-    # Multi-host, JAX's distributed runtime owns SIGTERM (its preemption notifier, installed by
-    # jax.distributed.initialize) and every host stops at the same step through its sync point; a
-    # Python handler would replace the notifier's, so one is installed only for a single process.
-    multi_host = jax.process_count() > 1
-    preempted = {"flag": False}
-    previous_handler = None if multi_host else signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
-
-    def should_stop(at_step: int) -> bool:
-        if multi_host:
-            return mngr.reached_preemption(at_step)
-        return preempted["flag"]
+    metrics = StepMetrics(writer, config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+    metrics.last_good_checkpoint = checkpoints.latest_step()
 
     # ---- Train loop ----
-    pending: list[dict] = []  # device metrics since the last log; fetched together (no per-step sync)
-    last_good_checkpoint = mngr.latest_step()
-    t_log, steps_at_log, first_step_time = time.perf_counter(), step, None
+    first_step_seconds = None
     result = {}
     try:
-        while step < total_steps:
-            batch = mesh_lib.global_batch(next(train_iter), mesh)
-            state, metrics = program.train_step(state, batch)
-            step += 1
-            if first_step_time is None:
-                jax.block_until_ready(metrics)
-                first_step_time = time.time() - t_start
-                log(f"first step done {first_step_time:.1f}s after start (compilation included)")
-                t_log, steps_at_log = time.perf_counter(), step
-            pending.append(metrics)
+        with Preemption(checkpoints) as preemption:
+            while step < total_steps:
+                state, step_metrics = program.train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
+                step += 1
+                metrics.record(step, step_metrics)
+                if first_step_seconds is None:
+                    jax.block_until_ready(step_metrics)
+                    first_step_seconds = time.time() - t_start
+                    writer.message(f"first step done {first_step_seconds:.1f}s after start (compilation included)")
+                    metrics.start_timing(step)
 
-            end_of_epoch = step % steps_per_epoch == 0
-            stop = should_stop(step)
-            want_save = stop or step == total_steps or step % config.checkpoint_every_steps == 0
-            if step % config.log_every_steps == 0 or want_save or end_of_epoch:
-                fetched = list(zip(range(step - len(pending) + 1, step + 1), jax.device_get(pending)))
-                pending = []
-                for s, m in fetched:
-                    if not m["finite"]:
-                        raise TrainingDiverged(
-                            f"non-finite loss ({m['loss']}) or gradient norm ({m['grad_norm']}) at step {s}; stopping. "
-                            f"The last good checkpoint is step {last_good_checkpoint} in {ckpt_lib.checkpoint_dir(workdir)}"
-                        )
-                now = time.perf_counter()
-                # Step 1's time is mostly compilation: timing starts after it.
-                timing = {}
-                if step > steps_at_log:
-                    step_time = (now - t_log) / (step - steps_at_log)
-                    timing = {"step_time": step_time, "images_per_sec": config.batch_size / step_time}
-                t_log, steps_at_log = now, step
-                for s, m in fetched:
-                    if s % config.log_every_steps == 0 or s == step:
-                        values = {k: m[k] for k in ("loss", "lr", "grad_norm", "param_norm")}
-                        writer.write("train", s, {**values, **timing, "epoch": s / steps_per_epoch})
-                last = fetched[-1][1]
-                speed = (
-                    f"{timing['images_per_sec']:.1f} img/s ETA {format_eta((total_steps - step) * timing['step_time'])}"
-                    if timing else ""
-                )
-                writer.progress(
-                    f"step {step}/{total_steps} epoch {step / steps_per_epoch:.2f} loss {float(last['loss']):.4f} "
-                    f"lr {float(last['lr']):.2e} |g| {float(last['grad_norm']):.3f} {speed}"
-                )
-            if want_save:
-                ckpt_lib.save(mngr, step, state, train_iter, meta, force=stop or step == total_steps)
-                if mngr.latest_step() == step:
-                    last_good_checkpoint = step
-            if stop:
-                mngr.wait_until_finished()
-                log(f"preemption signal: saved step {step}, exiting")
-                return {"preempted": True, "step": step}
-            if end_of_epoch and (step // steps_per_epoch) % config.eval_every_epochs == 0:
-                result = run_eval(step)
+                end_of_epoch = step % steps_per_epoch == 0
+                stop = preemption.requested(step)
+                last = step == total_steps
+                save = stop or last or checkpoints.should_save(step)
+                if save or end_of_epoch or metrics.due(step):
+                    metrics.drain(step, workdir)  # before saving: a diverged state is never checkpointed
+                if save and checkpoints.save(step, state, train_iter, force=stop or last):
+                    metrics.last_good_checkpoint = step
+                if stop:
+                    checkpoints.wait_until_finished()
+                    writer.message(f"preemption signal: saved step {step}, exiting")
+                    return {"preempted": True, "step": step}
+                if end_of_epoch and (step // steps_per_epoch) % config.eval_every_epochs == 0:
+                    result = run_evaluation(program, state, eval_source, config, writer, step)
         if result.get("step") != step:
-            result = run_eval(step)
-        result["first_step_seconds"] = first_step_time
+            result = run_evaluation(program, state, eval_source, config, writer, step)
+        result["first_step_seconds"] = first_step_seconds
         return result
     finally:
-        if previous_handler is not None:  # None also when the old handler was not Python's
-            signal.signal(signal.SIGTERM, previous_handler)
-        mngr.wait_until_finished()
-        mngr.close()
+        checkpoints.close()
         writer.close()
