@@ -81,6 +81,7 @@ class Predictor:
         classes: ClassNames,
         *,
         name: str | None = None,
+        dataset: str | None = None,
         dtype=jnp.float32,
         batch_size: int = 32,
     ):
@@ -98,6 +99,7 @@ class Predictor:
             raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
         self.weights_source = weights.source
         self.model = name or weights.model
+        self.dataset = dataset  # what a train.py run trained on ('digits', 'tfds', 'folder'); None: unknown
         self.num_classes = weights.num_classes
         self.preprocessing = preprocessing
         self.classes = classes
@@ -196,14 +198,15 @@ def weights_preprocessing(
     run's 32 px). A file: the variant's settings, or those of ``model`` when it names a pretrained tag.
     """
     overrides = dict(image_size=image_size, crop_pct=crop_pct, crop_mode=crop_mode)
-    run_config = _run_config(weights)
-    if run_config is None:
+    config = run_config(weights)
+    if config is None:
         return resolve_eval_preprocessing(model or weights.model, **overrides)
-    own = recipe.eval_preprocessing(run_config)
+    own = recipe.eval_preprocessing(config)
     return dataclasses.replace(own, **{k: v for k, v in overrides.items() if v is not None})
 
 
-def _run_config(weights: LoadedWeights) -> ConfigDict | None:
+def run_config(weights: LoadedWeights) -> ConfigDict | None:
+    """The config of the ``train.py`` run the weights come from (None for weight files)."""
     if not Path(weights.source).is_dir():
         return None
     saved = read_meta(Path(weights.source)).get("config")
@@ -215,7 +218,7 @@ def weights_class_names(weights: LoadedWeights, class_names_file: str | None = N
     if class_names_file:
         return read_class_names_file(class_names_file)
     if weights.classes:
-        return dataset_class_names(weights.classes, source=f"{weights.source} (its dataset's classes)")
+        return dataset_class_names(weights.classes, source="the run's dataset")
     return default_class_names(weights.num_classes)
 
 
@@ -237,7 +240,9 @@ def load_predictor(
     loaded = load_weights(Path(weights).absolute(), model=model)
     preprocessing = weights_preprocessing(loaded, model, image_size=image_size, crop_pct=crop_pct, crop_mode=crop_mode)
     classes = weights_class_names(loaded, class_names_file)
-    return Predictor(loaded, preprocessing, classes, name=model, dtype=dtype, batch_size=batch_size)
+    config = run_config(loaded)
+    dataset = config.data.source if config is not None else None
+    return Predictor(loaded, preprocessing, classes, name=model, dataset=dataset, dtype=dtype, batch_size=batch_size)
 
 
 def _image_name(image: ImageInput, position: int) -> str:
