@@ -5,6 +5,8 @@
   python convert_torch_weights.py mambaout_femto.pth femto.safetensors --verify
   # Flax -> timm-layout .safetensors that timm.create_model(name).load_state_dict(strict=True) accepts:
   python convert_torch_weights.py femto.safetensors femto_timm.safetensors --to-timm
+  # Either side may be in a bucket:
+  python convert_torch_weights.py gs://bucket/mambaout_femto.pth gs://bucket/femto.safetensors
 
 Nothing is written unless the conversion (and --verify, when given) succeeds; errors exit non-zero.
 """
@@ -16,6 +18,7 @@ import importlib
 import json
 import sys
 
+from mambaout_jax import storage
 from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_weights, save_flax_weights
 from mambaout_jax.convert.verify import verify_against_timm
 from mambaout_jax.models import ParamMismatchError, list_models
@@ -23,8 +26,8 @@ from mambaout_jax.models import ParamMismatchError, list_models
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="weight file: .pth/.pt/.bin/.safetensors (PyTorch) or one written by this project")
-    p.add_argument("out", help="output .safetensors file (written atomically, only on success)")
+    p.add_argument("src", help="weight file (local or gs://): .pth/.pt/.bin/.safetensors (PyTorch) or one written by this project")
+    p.add_argument("out", help="output .safetensors file, local or gs:// (written atomically, only on success)")
     p.add_argument("--model", choices=list_models(), help="variant; default: recognised from the shapes")
     p.add_argument("--num-classes", type=int, help="classifier size; default: the checkpoint's; 0 drops it")
     p.add_argument("--to-timm", action="store_true", help="write timm layout instead of this project's format")
@@ -58,8 +61,9 @@ def main(argv=None) -> int:
             )
             return 2
     try:
+        storage.check_place("output", args.out, writable=True, is_file=True)  # a bad bucket fails before the work, not after
         weights = load_weights(args.src, model=args.model, num_classes=args.num_classes)
-    except (CheckpointError, ParamMismatchError) as e:
+    except (CheckpointError, ParamMismatchError, storage.StorageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, num_classes, params = weights.model, weights.num_classes, weights.params

@@ -9,6 +9,8 @@
   python eval.py --weights base_plus_384.pth --model mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k --data-dir /data/tfds
   # A train.py run (its latest checkpoint; EMA weights when it kept them), on an image folder:
   python eval.py --weights runs/tiny --source folder --data-dir /data/imagenet --split val
+  # Everything in a bucket: the run, the TFDS dataset and the results:
+  python eval.py --weights gs://bucket/runs/tiny --data-dir gs://bucket/tfds --out gs://bucket/runs/tiny/eval.json
 
 Counts are exact: the split is padded to whole batches and the padding masked out.
 """
@@ -22,7 +24,7 @@ import sys
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir")
+    p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir (local or gs://)")
     p.add_argument(
         "--model",
         help="variant, optionally with timm's pretrained tag, whose eval settings are then used "
@@ -30,7 +32,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--num-classes", type=int, help="default: the checkpoint's")
     p.add_argument("--source", choices=["tfds", "folder", "digits"], default="tfds")
-    p.add_argument("--data-dir", help="TFDS data_dir or image-folder root")
+    p.add_argument("--data-dir", help="TFDS data_dir (local or gs://) or image-folder root (local)")
     p.add_argument("--dataset", default="imagenet2012", help="TFDS dataset name")
     p.add_argument("--split", default=None, help="default: 'validation' (tfds) or 'val' (folder)")
     p.add_argument(
@@ -46,7 +48,7 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=0, help="global batch; default 32 per device")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
     p.add_argument("--workers", type=int, default=0, help="grain worker processes for decoding")
-    p.add_argument("--out", help="also write the results as JSON here")
+    p.add_argument("--out", help="also write the results as JSON here (local or gs://; written atomically)")
     p.add_argument("--distributed", action="store_true", help="call jax.distributed.initialize() (multi-host)")
     return p.parse_args(argv)
 
@@ -75,7 +77,7 @@ def main(argv=None) -> int:
         flags.FLAGS.mark_as_parsed()
     from mambaout_jax import data as data_lib
     from mambaout_jax.convert import CheckpointError, load_weights
-    from mambaout_jax.convert.torch_io import atomic_output
+    from mambaout_jax import storage
     from mambaout_jax.data.digits import write_digits_folder
     from mambaout_jax.models.registry import get_model_spec
     from mambaout_jax.train.evaluation import evaluate
@@ -84,6 +86,8 @@ def main(argv=None) -> int:
     from mambaout_jax.train.recipe import DTYPES
 
     try:
+        if args.out:
+            storage.check_place("--out", args.out, writable=True, is_file=True)  # before the evaluation, not after it
         if args.model:
             get_model_spec(args.model)  # an unknown name or tag fails before any file is read
         if args.num_classes == 0:
@@ -126,8 +130,7 @@ def main(argv=None) -> int:
     if jax.process_index() == 0:
         print(json.dumps(result))
         if args.out:
-            with atomic_output(args.out) as tmp:
-                tmp.write_text(json.dumps(result, indent=2) + "\n")
+            storage.write_text(args.out, json.dumps(result, indent=2) + "\n", "--out")
     return 0
 
 

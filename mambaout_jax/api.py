@@ -37,7 +37,7 @@ def create_model(
       name: a registered variant (``list_models()``), optionally with a timm tag (``mambaout_tiny.in1k``).
       pretrained: path to a PyTorch checkpoint (.pth/.pt/.bin/.safetensors, authors' or timm layout,
         bare or wrapped in {"model": ...}), to a weight file written by this project, or to a
-        training run of ``train.py``. Loading is strict.
+        training run of ``train.py``; local or in a bucket (``gs://bucket/...``). Loading is strict.
       num_classes: classifier size; 0 removes the classifier (the model returns pre-logits). Defaults
         to the checkpoint's when ``pretrained`` is given, else to the variant's (1000).
       dtype: compute dtype (``jnp.bfloat16`` on TPU/GPU); parameters stay float32.

@@ -1,20 +1,22 @@
 """Reading and writing weight files safely: PyTorch pickles (weights only), safetensors, our own format.
 
 Nothing here executes code from a file: ``.pth``/``.pt``/``.bin`` go through
-``torch.load(weights_only=True)`` and everything else through safetensors. Every write goes to a
-temporary file in the destination folder and is renamed into place, so a failed conversion never
-leaves a partial or clobbered output behind.
+``torch.load(weights_only=True)`` and everything else through safetensors. A file may be local
+or a ``gs://`` object (read whole into memory). Every write is atomic (``storage.atomic_output``:
+a temporary file renamed into place, or one object upload), so a failed conversion never leaves
+a partial or clobbered output behind.
 """
 
 from __future__ import annotations
 
-import contextlib
+import io
 import os
-import tempfile
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Mapping
 
 import numpy as np
+
+from mambaout_jax import storage
 
 # Metadata key and value marking a safetensors file written by this project (flat contract params).
 FORMAT_KEY = "format"
@@ -56,19 +58,28 @@ def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return sd
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """A safetensors file, from ``path`` (memory-mapped) or from its ``data`` read from a bucket."""
+    import json
+
     from safetensors import SafetensorError, safe_open
+    from safetensors.numpy import load
 
     try:
-        with safe_open(str(path), framework="numpy") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if data is None:
+            with safe_open(str(path), framework="numpy") as f:
+                metadata = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        else:
+            header_size = int.from_bytes(data[:8], "little")
+            metadata = dict(json.loads(data[8 : 8 + header_size]).get("__metadata__") or {})
+            tensors = load(data)
     except (SafetensorError, OSError, ValueError, TypeError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return tensors, metadata
 
 
-def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
+def read_torch_pickle(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
     try:
         import torch
     except ImportError:
@@ -79,7 +90,7 @@ def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
     import pickle
 
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        obj = torch.load(str(path) if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"{path}: refused to unpickle (it is not a plain weights file, or it contains code; "
@@ -92,28 +103,38 @@ def read_torch_pickle(path: Path) -> dict[str, np.ndarray]:
 
 
 def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
-    """Read a weight file. Returns ``(kind, tensors, metadata)``; kind is 'flax' or 'torch'.
+    """Read a weight file, local or ``gs://``. Returns ``(kind, tensors, metadata)``; kind is 'flax' or 'torch'.
 
     'flax' means a safetensors file this project wrote (keys are contract paths); 'torch' means a
     PyTorch state_dict (authors' or timm layout), from a pickle or a safetensors file.
     """
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file")
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected a weight file")
-    if path.stat().st_size == 0:
-        raise CheckpointError(f"{path}: is empty")
-    with open(path, "rb") as f:
-        head = f.read(9)
+    try:
+        path = storage.as_path(path, "weights")
+        if not path.exists():
+            raise CheckpointError(f"{path}: no such file")
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory, expected a weight file")
+        # A bucket's object is read whole, once; a local file is opened by its readers (mmap).
+        data = path.read_bytes() if storage.is_gcs(path) else None
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
+    if data is None:
+        if os.path.getsize(path) == 0:
+            raise CheckpointError(f"{path}: is empty")
+        with open(path, "rb") as f:
+            head = f.read(9)
+    else:
+        if not data:
+            raise CheckpointError(f"{path}: is empty")
+        head = data[:9]
     if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
-        tensors, metadata = read_safetensors(path)
+        tensors, metadata = read_safetensors(path, data)
         if metadata.get(FORMAT_KEY) == FLAX_FORMAT:
             return "flax", tensors, metadata
         tensors = _strip_prefix(_unwrap_flat(tensors))
         return "torch", tensors, metadata
     if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch zip archive / legacy pickle
-        return "torch", read_torch_pickle(path), {}
+        return "torch", read_torch_pickle(path, data), {}
     raise CheckpointError(f"{path}: neither a PyTorch checkpoint (.pth/.pt/.bin) nor a safetensors file")
 
 
@@ -124,29 +145,15 @@ def _unwrap_flat(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return tensors
 
 
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a directory, expected an output file path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> None:
     from safetensors.numpy import save_file
 
     arrays = {k: np.ascontiguousarray(np.asarray(v)) for k, v in tensors.items()}
-    with atomic_output(path) as tmp:
-        save_file(arrays, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    try:
+        with storage.atomic_output(path) as tmp:
+            save_file(arrays, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
 
 
 def write_flax_weights(path: str | os.PathLike, params: Mapping[str, np.ndarray], *, model: str, num_classes: int) -> None:

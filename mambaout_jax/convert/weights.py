@@ -2,7 +2,8 @@
 
 ``load_weights(source)`` takes a PyTorch checkpoint (.pth/.pt/.bin/.safetensors, authors' or timm
 layout, bare or wrapped), a weight file written by this project, or a ``train.py`` run (its
-workdir, checkpoints folder or one step folder) and returns the model, class count and parameters.
+workdir, checkpoints folder or one step folder), local or in a bucket (``gs://...``), and returns
+the model, class count and parameters.
 Whatever the source, the parameters go through ``convert_state_dict`` in timm's key space: the
 variant is recognised (or checked) from the shapes and the classifier is kept, dropped or refused
 there, so every reader applies the same checks and says the same things.
@@ -12,11 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+from etils import epath
 
+from mambaout_jax import storage
 from mambaout_jax.convert.convert import convert_state_dict
 from mambaout_jax.convert.mapping import flax_to_torch
 from mambaout_jax.convert.run_checkpoint import find_step_dir, read_meta, read_run_params
@@ -45,9 +47,14 @@ def load_weights(
     recognised from the shapes (files) or read from the run's record (runs). ``num_classes`` defaults
     to the source's; 0 drops its classifier; another count is an error that says how to load it.
     """
-    path = Path(source)
+    try:
+        path = storage.as_path(source, "weights")
+        storage.check_place("weights", source)  # a missing or forbidden bucket, named as such
+        is_run = path.is_dir()
+    except storage.StorageError as e:
+        raise CheckpointError(str(e)) from None
     asked = get_model_spec(model).name if model is not None else None
-    if path.is_dir():
+    if is_run:
         return _load_run(path, asked, num_classes)
     kind, tensors, metadata = read_weights(path)
     if kind == "torch":
@@ -63,7 +70,7 @@ def load_weights(
     return _from_contract(tensors, saved, asked, num_classes, str(path))
 
 
-def _load_run(path: Path, asked: str | None, num_classes: int | None) -> LoadedWeights:
+def _load_run(path: epath.Path, asked: str | None, num_classes: int | None) -> LoadedWeights:
     step_dir = find_step_dir(path)
     meta = read_meta(step_dir)
     saved = meta.get("model")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from mambaout_jax import storage
+
 DIGITS_VERSION = "v1"
 # The size the digits are written, trained and evaluated at (configs/digits.py, eval.py --source digits):
 # the whole 8x8 digit upscaled, no crop.
@@ -36,6 +38,8 @@ def write_digits_folder(cache_dir: str | os.PathLike | None = None, *, image_siz
     """
     from sklearn.datasets import load_digits
 
+    if cache_dir and storage.is_url(cache_dir):
+        raise ValueError(f"the digits cache {os.fspath(cache_dir)!r} is a URL; it is a local cache: give a local folder")
     root = Path(cache_dir or default_cache_dir()) / f"digits-{image_size}px-{DIGITS_VERSION}"
     if (root / "COMPLETE").exists():
         return root

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from mambaout_jax import storage
+
 # torchvision.datasets.folder.IMG_EXTENSIONS, matched case-insensitively as torchvision does.
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
@@ -24,11 +26,16 @@ class TfdsSource(Sequence):
     The image feature is read with `tfds.decode.SkipDecoding()`, so records carry the stored JPEG
     bytes and TFDS parses the tf.train.Example protos with its NumPy parser; TensorFlow is only
     needed once, to build the dataset (see the README). Pickles cheaply into grain workers.
+
+    ``data_dir`` may be a bucket (``gs://...``): TFDS lists it through ``etils.epath`` and
+    array_record reads each record with its own Cloud Storage client (one ranged read per record;
+    see docs/CLOUD_STORAGE.md for what that costs against a local copy).
     """
 
     def __init__(self, data_dir: str | os.PathLike, split: str, name: str = "imagenet2012"):
         import tensorflow_datasets as tfds  # Heavy import, only needed for this source.
 
+        storage.as_path(data_dir, "data dir")  # a bad URL fails here; points the clients at an emulator
         self.name, self.split = name, split
         try:
             self._source = tfds.data_source(
@@ -89,6 +96,12 @@ class ImageFolderSource(Sequence):
 
     def __init__(self, directory: str | os.PathLike, classes: Sequence[str] | None = None):
         self.directory = os.fspath(directory)
+        if storage.is_url(self.directory):
+            raise FileNotFoundError(
+                f"Image folder {self.directory!r} is a URL: an image folder is read file by file from a file system "
+                "(1.28M small objects would be one request each). Build the TFDS ArrayRecord dataset in the bucket "
+                "and read that (source 'tfds', gs:// works), or mount the bucket (gcsfuse) and pass the mounted path"
+            )
         if not os.path.isdir(self.directory):
             raise FileNotFoundError(f"Image folder {self.directory!r} does not exist")
         found = find_classes(self.directory)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import jax
 
@@ -14,6 +15,10 @@ from mambaout_jax.train.program import EvalProgram
 
 class EmptySplitError(ValueError):
     """The split to evaluate holds no examples, so there is no accuracy to report."""
+
+
+class EvaluationInterrupted(Exception):
+    """``should_stop`` said stop (a preemption) between two eval batches."""
 
 
 def _describe(source) -> str:
@@ -32,8 +37,13 @@ def evaluate(
     *,
     batch_size: int,
     loader: LoaderOptions = LoaderOptions(),
+    should_stop: Callable[[], bool] | None = None,
 ) -> dict:
     """Top-1, top-5 and mean loss over ``source``.
+
+    ``should_stop`` is asked before every batch (on every process, the same number of times);
+    when it says stop, ``EvaluationInterrupted`` is raised, so a preempted run need not finish a
+    whole ImageNet evaluation before it saves.
 
     The split is padded to whole global batches and the padding masked out, so the counts are
     exact whatever the split size, and every process runs the same number of steps.
@@ -49,6 +59,8 @@ def evaluate(
     totals = None
     start = time.perf_counter()
     for _ in range(data_lib.eval_steps(len(source), batch_size)):
+        if should_stop is not None and should_stop():
+            raise EvaluationInterrupted()
         sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
     totals = jax.device_get(totals) if totals is not None else {"count": 0}

@@ -1,9 +1,10 @@
 """The training run, top to bottom: mesh, data, program, initial state, the loop, checkpoints, evaluation.
 
 ``train.py`` parses flags and calls ``train(config, workdir)``; everything a run does is here, in
-the order it happens, with each concern in a named piece: ``Preemption`` (SIGTERM, and JAX's sync
-point on multi-host slices), ``StepMetrics`` (device metrics fetched together, divergence checks,
-the records and the progress line), ``run_evaluation``. Multi-host runs call
+the order it happens, with each concern in a named piece: ``check_places`` (every place the run
+names, local or ``gs://``, checked before anything compiles), ``Preemption`` (SIGTERM, and JAX's
+sync point on multi-host slices), ``StepMetrics`` (device metrics fetched together, divergence
+checks, the records and the progress line), ``run_evaluation``. Multi-host runs call
 ``jax.distributed.initialize()`` before this.
 """
 
@@ -12,11 +13,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import jax
+from jax.experimental import multihost_utils
 
 from mambaout_jax import data as data_lib
+from mambaout_jax import storage
 from mambaout_jax.convert.run_checkpoint import checkpoint_dir
 from mambaout_jax.convert.weights import load_weights
 from mambaout_jax.data.digits import write_digits_folder
@@ -26,7 +28,7 @@ from mambaout_jax.models.registry import get_model_spec
 from mambaout_jax.train import checkpoint as ckpt_lib
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train import recipe
-from mambaout_jax.train.evaluation import evaluate
+from mambaout_jax.train.evaluation import EvaluationInterrupted, evaluate
 from mambaout_jax.train.metrics import MetricsWriter, format_eta
 from mambaout_jax.train.program import TrainProgram, build_program
 from mambaout_jax.train.recipe import ConfigError
@@ -50,8 +52,7 @@ def make_sources(config):
         return train, data_lib.image_folder_source(root, "val", classes=train.classes)
     if not d.dir:
         raise ConfigError(f"config.data.dir is empty: where is the {d.source!r} dataset? (--config.data.dir=...)")
-    check_local_path("config.data.dir", d.dir)
-    if not os.path.isdir(d.dir):
+    if not storage.as_path(d.dir, "config.data.dir").is_dir():
         raise ConfigError(f"config.data.dir {d.dir!r} is not a directory")
     if d.source == "folder":
         train = data_lib.image_folder_source(d.dir, d.train_split)
@@ -61,13 +62,18 @@ def make_sources(config):
     raise ConfigError(f"config.data.source must be 'tfds', 'folder' or 'digits', got {d.source!r}")
 
 
-def check_local_path(what: str, path: str | os.PathLike) -> None:
-    """Data and workdirs are file-system paths; a bucket is read through a mount on every host."""
-    if "://" in str(path):
-        raise ConfigError(
-            f"{what} {str(path)!r} is a URL; give a file-system path that every host sees: mount the bucket "
-            f"on each host (Cloud Storage FUSE: gcsfuse --implicit-dirs BUCKET /gcs/BUCKET) and pass /gcs/BUCKET/..."
-        )
+def check_places(config, workdir, resume) -> None:
+    """Every place the run names, local or ``gs://``: a bad URL, or a bucket that does not exist or
+    refuses access, is an error naming it now, before the mesh, the data or any compilation."""
+    storage.check_place("--workdir", workdir, writable=True)
+    if resume:
+        storage.check_place("--resume", resume)
+        if not storage.is_url(resume) and not os.path.exists(resume):
+            raise ConfigError(f"--resume {resume}: no checkpoint found in {checkpoint_dir(resume)}")
+    if config.init_from:
+        storage.check_place("config.init_from", config.init_from)
+    if config.data.source != "digits" and config.data.dir:
+        storage.check_place("config.data.dir", config.data.dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,16 +115,22 @@ def restore_or_init(program: TrainProgram, checkpoints: ckpt_lib.RunCheckpoints,
 class Preemption:
     """Whether the run should save and stop now (a preemption notice, SIGTERM).
 
-    Multi-host, JAX's distributed runtime owns SIGTERM (its preemption notifier, installed by
-    ``jax.distributed.initialize``) and every host stops at the same step through its sync point,
-    which orbax's manager exposes; a Python handler would replace the notifier's, so one is
-    installed only for a single process. Use as a context manager: the previous handler comes back.
+    Asked once per train step and once per eval batch, so a SIGTERM during compilation is acted
+    on when the first step completes, and one during evaluation after the current eval batch,
+    never after a whole evaluation. Single process: a SIGTERM handler sets a flag. Multi-host:
+    JAX's distributed runtime owns SIGTERM (the preemption notifier that
+    ``jax.distributed.initialize`` installs; a Python handler would replace it) and tells every
+    host; the hosts agree on the same stopping point through ``reached_preemption_sync_point``,
+    whose id must advance in step on every host: the number of times this was asked, identical
+    on all hosts since all run the same steps and eval batches. Use as a context manager: the
+    previous handler comes back.
     """
 
-    def __init__(self, checkpoints: ckpt_lib.RunCheckpoints):
-        self._checkpoints = checkpoints
+    def __init__(self):
         self._multi_host = jax.process_count() > 1
         self._signalled = False
+        self._asked = 0
+        self._stopping = False
         self._previous = None
 
     def __enter__(self) -> Preemption:
@@ -133,10 +145,14 @@ class Preemption:
     def _on_sigterm(self, *_) -> None:
         self._signalled = True
 
-    def requested(self, step: int) -> bool:
-        if self._multi_host:
-            return self._checkpoints.reached_preemption(step)
-        return self._signalled
+    def requested(self) -> bool:
+        if not self._stopping:
+            if self._multi_host:
+                self._asked += 1
+                self._stopping = multihost_utils.reached_preemption_sync_point(self._asked)
+            else:
+                self._stopping = self._signalled
+        return self._stopping
 
 
 class StepMetrics:
@@ -184,6 +200,7 @@ class StepMetrics:
                 self.writer.write("train", s, {**values, **timing, "epoch": s / self.steps_per_epoch})
         if fetched:
             self._progress(step, fetched[-1][1], timing)
+        self.writer.flush()
 
     def _timing(self, step: int) -> dict:
         if self._timer is None or step <= self._timer[1]:
@@ -204,14 +221,19 @@ class StepMetrics:
         )
 
 
-def run_evaluation(program: TrainProgram, state, eval_source, config, writer: MetricsWriter, step: int) -> dict:
-    """Accuracy of the current weights (the EMA when the run keeps one) on the eval split, logged."""
+def run_evaluation(program: TrainProgram, state, eval_source, config, writer: MetricsWriter, step: int, preemption) -> dict:
+    """Accuracy of the current weights (the EMA when the run keeps one) on the eval split, logged.
+
+    Raises ``EvaluationInterrupted`` when a preemption is requested between two eval batches.
+    """
     params = state.ema_params if state.ema_params is not None else state.params
     result = evaluate(
-        program.eval, params, eval_source, batch_size=recipe.eval_batch_size(config), loader=recipe.loader_options(config)
-    )
+        program.eval, params, eval_source, batch_size=recipe.eval_batch_size(config),
+        loader=recipe.loader_options(config), should_stop=preemption.requested,
+    )  # fmt: skip
     result["step"] = step
     writer.write("eval", step, result)
+    writer.flush()
     writer.message(f"eval @ step {step}: top1 {result['top1']:.4f}  top5 {result['top5']:.4f}  loss {result['loss']:.4f}")
     return result
 
@@ -222,15 +244,15 @@ def run_evaluation(program: TrainProgram, state, eval_source, config, writer: Me
 
 
 def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> dict:
-    """Train (or continue training) ``config`` in ``workdir``; returns the final eval metrics."""
-    check_local_path("--workdir", workdir)
-    if resume:
-        check_local_path("--resume", resume)
-    if config.init_from:
-        check_local_path("config.init_from", config.init_from)
-    workdir = Path(workdir)
+    """Train (or continue training) ``config`` in ``workdir`` (local or ``gs://``); returns the final
+    eval metrics, or ``{"preempted": True, "step": N}`` after saving step N on a preemption."""
     t_start = time.time()
+    check_places(config, workdir, resume)
+    with Preemption() as preemption:  # from the start: a SIGTERM during compilation is not lost
+        return _run(config, workdir, resume, preemption, t_start)
 
+
+def _run(config, workdir, resume, preemption: Preemption, t_start: float) -> dict:
     # ---- Mesh and data ----
     mesh = mesh_lib.make_mesh()
     mesh_lib.check_global_batch(config.batch_size, mesh, config.grad_accum_steps)
@@ -252,6 +274,12 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
         f"{mesh.devices.size} devices x {jax.process_count()} processes, global batch {config.batch_size} "
         f"(x{config.grad_accum_steps} accumulation), {steps_per_epoch} steps/epoch, {total_steps} steps"
     )
+    mount = storage.gcsfuse_mount(workdir)
+    if mount is not None:
+        writer.message(
+            f"--workdir is on a gcsfuse mount of {mount.source!r} ({mount.mount_point}): checkpoints are written in place "
+            f"and committed with commit_success.txt; --workdir gs://{mount.source}/... writes the bucket directly, faster"
+        )
 
     # ---- Initial state and checkpoints ----
     train_iter = data_lib.make_train_iterator(
@@ -265,42 +293,61 @@ def train(config, workdir: str | os.PathLike, *, resume: str | None = None) -> d
         "config": config.to_json(),
     }
     checkpoints = ckpt_lib.RunCheckpoints(workdir, meta, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
-    state = restore_or_init(program, checkpoints, train_iter, resume, writer.message)
-    step = int(jax.device_get(state.step))
-    metrics = StepMetrics(writer, config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
-    metrics.last_good_checkpoint = checkpoints.latest_step()
-
-    # ---- Train loop ----
-    first_step_seconds = None
-    result = {}
+    metrics = None
     try:
-        with Preemption(checkpoints) as preemption:
-            while step < total_steps:
-                state, step_metrics = program.train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
-                step += 1
-                metrics.record(step, step_metrics)
-                if first_step_seconds is None:
-                    jax.block_until_ready(step_metrics)
-                    first_step_seconds = time.time() - t_start
-                    writer.message(f"first step done {first_step_seconds:.1f}s after start (compilation included)")
-                    metrics.start_timing(step)
+        state = restore_or_init(program, checkpoints, train_iter, resume, writer.message)
+        step = int(jax.device_get(state.step))
+        metrics = StepMetrics(writer, config, steps_per_epoch=steps_per_epoch, total_steps=total_steps)
+        metrics.last_good_checkpoint = checkpoints.latest_step()
 
-                end_of_epoch = step % steps_per_epoch == 0
-                stop = preemption.requested(step)
-                last = step == total_steps
-                save = stop or last or checkpoints.should_save(step)
-                if save or end_of_epoch or metrics.due(step):
-                    metrics.drain(step, workdir)  # before saving: a diverged state is never checkpointed
-                if save and checkpoints.save(step, state, train_iter, force=stop or last):
-                    metrics.last_good_checkpoint = step
-                if stop:
-                    checkpoints.wait_until_finished()
-                    writer.message(f"preemption signal: saved step {step}, exiting")
-                    return {"preempted": True, "step": step}
-                if end_of_epoch and (step // steps_per_epoch) % config.eval_every_epochs == 0:
-                    result = run_evaluation(program, state, eval_source, config, writer, step)
+        def eval_due(s: int) -> bool:
+            return s > 0 and s % steps_per_epoch == 0 and (s // steps_per_epoch) % config.eval_every_epochs == 0
+
+        def stop(s: int, during: str = "") -> dict:
+            checkpoints.save(s, state, train_iter, force=True)  # a no-op when step s is saved already
+            checkpoints.wait_until_finished()
+            writer.message(f"preemption signal{during}: saved step {s}, exiting")
+            return {"preempted": True, "step": s}
+
+        # ---- Train loop ----
+        first_step_seconds = None
+        result = {}
+        # A run stopped (or killed) at an evaluation boundary evaluates that step first.
+        if checkpoints.latest_step() == step and eval_due(step) and step < total_steps:
+            try:
+                result = run_evaluation(program, state, eval_source, config, writer, step, preemption)
+            except EvaluationInterrupted:
+                return stop(step, " during evaluation")
+        while step < total_steps:
+            state, step_metrics = program.train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
+            step += 1
+            metrics.record(step, step_metrics)
+            if first_step_seconds is None:
+                jax.block_until_ready(step_metrics)
+                first_step_seconds = time.time() - t_start
+                writer.message(f"first step done {first_step_seconds:.1f}s after start (compilation included)")
+                metrics.start_timing(step)
+
+            end_of_epoch = step % steps_per_epoch == 0
+            stopping = preemption.requested()
+            last = step == total_steps
+            save = stopping or last or checkpoints.should_save(step)
+            if save or end_of_epoch or metrics.due(step):
+                metrics.drain(step, workdir)  # before saving: a diverged state is never checkpointed
+            if save and checkpoints.save(step, state, train_iter, force=stopping or last):
+                metrics.last_good_checkpoint = step
+            if stopping:
+                return stop(step)
+            if eval_due(step):
+                try:
+                    result = run_evaluation(program, state, eval_source, config, writer, step, preemption)
+                except EvaluationInterrupted:
+                    return stop(step, " during evaluation")
         if result.get("step") != step:
-            result = run_evaluation(program, state, eval_source, config, writer, step)
+            try:
+                result = run_evaluation(program, state, eval_source, config, writer, step, preemption)
+            except EvaluationInterrupted:
+                return stop(step, " during evaluation")
         result["first_step_seconds"] = first_step_seconds
         return result
     finally:
