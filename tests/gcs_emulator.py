@@ -137,11 +137,14 @@ class FaultProxy:
                     fault = Fault("*", "", status=503)
                 if fault is not None:
                     message = json.dumps({"error": {"code": fault.status, "message": "injected by the test proxy"}}).encode()
-                    self.send_response(fault.status)
-                    self.send_header("Content-Type", "application/json")
-                    self.send_header("Content-Length", str(len(message)))
-                    self.end_headers()
-                    self.wfile.write(message)
+                    try:
+                        self.send_response(fault.status)
+                        self.send_header("Content-Type", "application/json")
+                        self.send_header("Content-Length", str(len(message)))
+                        self.end_headers()
+                        self.wfile.write(message)
+                    except (BrokenPipeError, ConnectionResetError):  # the client was killed while held
+                        self.close_connection = True
                     proxy._record(self.command, url, fault.status)
                     return
                 conn = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)

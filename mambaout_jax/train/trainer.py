@@ -227,6 +227,7 @@ def run_evaluation(program: TrainProgram, state, eval_source, config, writer: Me
     Raises ``EvaluationInterrupted`` when a preemption is requested between two eval batches.
     """
     params = state.ema_params if state.ema_params is not None else state.params
+    writer.message(f"evaluating step {step} on {len(eval_source)} examples")
     result = evaluate(
         program.eval, params, eval_source, batch_size=recipe.eval_batch_size(config),
         loader=recipe.loader_options(config), should_stop=preemption.requested,
