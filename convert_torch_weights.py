@@ -5,6 +5,10 @@
   python convert_torch_weights.py mambaout_femto.pth femto.safetensors --verify
   # Flax -> timm-layout .safetensors that timm.create_model(name).load_state_dict(strict=True) accepts:
   python convert_torch_weights.py femto.safetensors femto_timm.safetensors --to-timm
+  # Published weights by name (downloaded once into the Hugging Face cache; the tag's class count):
+  python convert_torch_weights.py --pretrained mambaout_femto.in1k femto.safetensors
+  # A timm training checkpoint (train.py's CheckpointSaver): the raw weights, or with --ema its EMA ones:
+  python convert_torch_weights.py output/train/model_best.pth.tar femto_ema.safetensors --ema
   # Either side may be in a bucket:
   python convert_torch_weights.py gs://bucket/mambaout_femto.pth gs://bucket/femto.safetensors
 
@@ -19,15 +23,21 @@ import json
 import sys
 
 from mambaout_jax import storage
-from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_weights, save_flax_weights
+from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_source, save_flax_weights
 from mambaout_jax.convert.verify import verify_against_timm
 from mambaout_jax.models import ParamMismatchError, list_models
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("src", help="weight file (local or gs://): .pth/.pt/.bin/.safetensors (PyTorch) or one written by this project")
-    p.add_argument("out", help="output .safetensors file, local or gs:// (written atomically, only on success)")
+    p.add_argument("src", nargs="?", help="weight file (local or gs://): .pth/.pt/.bin/.safetensors/.pth.tar (PyTorch) or one written by this project")
+    p.add_argument("out", nargs="?", help="output .safetensors file, local or gs:// (written atomically, only on success)")
+    p.add_argument("--pretrained", metavar="TAG", help="published weights instead of src, e.g. mambaout_tiny.in1k (then only out is given)")
+    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
+                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema: the EMA weights of a training checkpoint (or run); --no-ema: the raw ones; "
+                   "default: the raw ones of a timm checkpoint (as timm's validate.py), a run's EMA ones when it kept them")
     p.add_argument("--model", choices=list_models(), help="variant; default: recognised from the shapes")
     p.add_argument("--num-classes", type=int, help="classifier size; default: the checkpoint's; 0 drops it")
     p.add_argument("--to-timm", action="store_true", help="write timm layout instead of this project's format")
@@ -35,7 +45,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tolerance", type=float, default=1e-4, help="max relative logit error for --verify")
     p.add_argument("--verify-batch", type=int, default=4)
     p.add_argument("--verify-size", type=int, default=224)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.pretrained is not None:
+        if args.out is not None:
+            p.error("with --pretrained TAG give only the output file")
+        args.src, args.out = None, args.src
+    if args.out is None:
+        p.error("give SRC OUT, or --pretrained TAG OUT")
+    return args
 
 
 def missing_verify_dependencies() -> str | None:
@@ -62,12 +79,15 @@ def main(argv=None) -> int:
             return 2
     try:
         storage.check_place("output", args.out, writable=True, is_file=True)  # a bad bucket fails before the work, not after
-        weights = load_weights(args.src, model=args.model, num_classes=args.num_classes)
-    except (CheckpointError, ParamMismatchError, storage.StorageError) as e:
+        weights = load_source(
+            args.src, args.pretrained, model=args.model, num_classes=args.num_classes, ema=args.ema,
+            pretrained_source=args.pretrained_source,
+        )  # fmt: skip
+    except (CheckpointError, ParamMismatchError, storage.StorageError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     model, num_classes, params = weights.model, weights.num_classes, weights.params
-    print(f"{args.src}: {model}, {num_classes} classes, {len(params)} tensors")
+    print(f"{weights.describe()}, {len(params)} tensors")
 
     if args.verify:
         # timm loads the round trip of our params (strict), so this checks both directions of the mapping.

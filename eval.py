@@ -9,6 +9,10 @@
   python eval.py --weights base_plus_384.pth --model mambaout_base_plus_rw.sw_e150_r384_in12k_ft_in1k --data-dir /data/tfds
   # A train.py run (its latest checkpoint; EMA weights when it kept them), on an image folder:
   python eval.py --weights runs/tiny --source folder --data-dir /data/imagenet --split val
+  # Published weights by name (downloaded once into the Hugging Face cache), with the tag's eval settings:
+  python eval.py --pretrained mambaout_tiny.in1k --data-dir /data/tfds
+  # A timm training checkpoint (the authors' train.py): its EMA weights (default: the raw ones, as timm's validate.py):
+  python eval.py --weights output/train/model_best.pth.tar --ema --data-dir /data/tfds
   # Everything in a bucket: the run, the TFDS dataset and the results:
   python eval.py --weights gs://bucket/runs/tiny --data-dir gs://bucket/tfds --out gs://bucket/runs/tiny/eval.json
 
@@ -24,7 +28,14 @@ import sys
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir (local or gs://)")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", help="PyTorch .pth/.bin/.safetensors/.pth.tar, a Flax weight file, or a train.py workdir (local or gs://)")
+    which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_tiny.in1k (its eval settings)")
+    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
+                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema: the EMA weights of a training checkpoint (or run); --no-ema: the raw ones; "
+                   "default: the raw ones of a timm checkpoint (as timm's validate.py), a run's EMA ones when it kept them")
     p.add_argument(
         "--model",
         help="variant, optionally with timm's pretrained tag, whose eval settings are then used "
@@ -76,7 +87,7 @@ def main(argv=None) -> int:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this CLI uses argparse
         flags.FLAGS.mark_as_parsed()
     from mambaout_jax import data as data_lib
-    from mambaout_jax.convert import CheckpointError, load_weights
+    from mambaout_jax.convert import CheckpointError, load_source
     from mambaout_jax import storage
     from mambaout_jax.data.digits import write_digits_folder
     from mambaout_jax.models.registry import get_model_spec
@@ -95,7 +106,12 @@ def main(argv=None) -> int:
                 "--num-classes 0 drops the classifier (the model returns pre-logits features), leaving no "
                 "accuracy to measure; leave --num-classes out to evaluate with the checkpoint's classifier"
             )
-        weights = load_weights(args.weights, model=args.model, num_classes=args.num_classes)
+        weights = load_source(
+            args.weights, args.pretrained, model=args.model, num_classes=args.num_classes, ema=args.ema,
+            pretrained_source=args.pretrained_source,
+        )  # fmt: skip
+        if jax.process_index() == 0:
+            print(f"weights: {weights.describe()}", file=sys.stderr)
         if weights.num_classes == 0:
             raise CheckpointError(
                 f"{args.weights}: has no classifier (num_classes=0: a backbone / pre-logits export), so there is "
@@ -103,7 +119,7 @@ def main(argv=None) -> int:
             )
         # The name as given keeps timm's pretrained tag, and with it the tag's eval settings
         # (the weights only record the variant).
-        preprocessing = eval_preprocessing(args, args.model or weights.model)
+        preprocessing = eval_preprocessing(args, args.model or weights.tag or weights.model)
         if args.source == "digits":
             root = write_digits_folder(image_size=preprocessing.image_size)
             source = data_lib.image_folder_source(root, args.split or "val")
@@ -126,7 +142,10 @@ def main(argv=None) -> int:
         return 2
     split = args.split or ("validation" if args.source == "tfds" else "val")
     settings = {k: getattr(preprocessing, k) for k in ("image_size", "crop_pct", "interpolation", "crop_mode")}
-    result.update(model=args.model or weights.model, weights=str(args.weights), source=args.source, split=split, **settings)
+    result.update(
+        model=args.model or weights.tag or weights.model, weights=str(args.weights or weights.source),
+        weight_set=weights.weight_set, source=args.source, split=split, **settings,
+    )  # fmt: skip
     if jax.process_index() == 0:
         print(json.dumps(result))
         if args.out:

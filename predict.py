@@ -5,6 +5,8 @@
   python predict.py --weights runs/digits digit.png more_digits/ 'scans/*.png'
   # A published PyTorch checkpoint, converted on the fly; ImageNet-1k names ship with the package:
   python predict.py --weights mambaout_femto.pth cat.jpg --top 5
+  # Published weights by name (downloaded once into the Hugging Face cache):
+  python predict.py --pretrained mambaout_femto.in1k cat.jpg
   # Machine-readable: [{"image": path, "top": [{"index": int, "label": str, "prob": float}, ...]}, ...]
   python predict.py --weights mambaout_femto.pth photos/ --json > predictions.json
 
@@ -23,7 +25,13 @@ import sys
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("images", nargs="+", help="image files, folders (searched recursively) or glob patterns")
-    p.add_argument("--weights", required=True, help="PyTorch .pth/.bin/.safetensors, a Flax weight file, or a train.py workdir")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--weights", help="PyTorch .pth/.bin/.safetensors/.pth.tar, a Flax weight file, or a train.py workdir")
+    which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_tiny.in1k (its eval settings)")
+    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
+                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema / --no-ema: the EMA / raw weights of a training checkpoint or run (default: as eval.py)")
     p.add_argument("--model", help="variant, optionally with timm's pretrained tag (its eval settings); default: from the weights")
     p.add_argument(
         "--classes", metavar="FILE",
@@ -67,12 +75,14 @@ def main(argv=None) -> int:
         return 2
     try:
         predictor = load_predictor(
-            args.weights, model=args.model, class_names_file=args.classes, image_size=args.img_size,
+            args.weights, pretrained=args.pretrained, pretrained_source=args.pretrained_source, ema=args.ema,
+            model=args.model, class_names_file=args.classes, image_size=args.img_size,
             crop_pct=args.crop_pct, crop_mode=args.crop_mode, dtype=DTYPES[args.dtype], batch_size=args.batch_size,
         )  # fmt: skip
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"weights: {predictor.loaded.describe()}", file=sys.stderr)
     predictions, unreadable = predictor.predict_files(paths, top_k=args.top)
     for failure in unreadable:
         print(f"error: {failure.image}: {failure.reason}", file=sys.stderr)

@@ -11,7 +11,7 @@ import os
 import jax.numpy as jnp
 from flax import nnx
 
-from mambaout_jax.convert.weights import load_weights
+from mambaout_jax.convert.weights import is_pretrained_name, load_pretrained, load_weights
 from mambaout_jax.models.factory import build_model, model_from_params, model_info  # noqa: F401  (re-export)
 from mambaout_jax.models.layers import ConvImpl, DepthwiseImpl
 from mambaout_jax.models.mambaout import MambaOut
@@ -21,8 +21,10 @@ from mambaout_jax.models.registry import get_model_spec, list_models  # noqa: F4
 def create_model(
     name: str,
     *,
-    pretrained: str | os.PathLike | None = None,
+    pretrained: str | os.PathLike | bool | None = None,
     num_classes: int | None = None,
+    ema: bool | None = None,
+    pretrained_source: str = "hub",
     drop_path_rate: float = 0.0,
     drop_rate: float = 0.0,
     dtype=jnp.float32,
@@ -35,9 +37,18 @@ def create_model(
 
     Args:
       name: a registered variant (``list_models()``), optionally with a timm tag (``mambaout_tiny.in1k``).
-      pretrained: path to a PyTorch checkpoint (.pth/.pt/.bin/.safetensors, authors' or timm layout,
-        bare or wrapped in {"model": ...}), to a weight file written by this project, or to a
-        training run of ``train.py``; local or in a bucket (``gs://bucket/...``). Loading is strict.
+      pretrained: True for the published weights of ``name`` (its tag, else the variant's default tag,
+        as timm: ``create_model("mambaout_tiny", pretrained=True)`` is ``mambaout_tiny.in1k``); a tag
+        (``"mambaout_tiny.in1k"``, ``"timm/mambaout_tiny.in1k"``, ``"hf-hub:timm/mambaout_tiny.in1k"``),
+        downloaded into the Hugging Face cache on first use; or a path to a PyTorch checkpoint
+        (.pth/.pt/.bin/.safetensors/.pth.tar, authors' or timm layout, bare, wrapped in {"model": ...} or
+        a timm training checkpoint), to a weight file written by this project, or to a training run
+        of ``train.py``; local or in a bucket (``gs://bucket/...``). Loading is strict.
+      ema: which weight set of a source that has two (``convert.weights``): None the raw weights of a
+        timm checkpoint (as timm's validate.py) and the EMA ones of a ``train.py`` run that kept them;
+        True / False force the EMA / raw set.
+      pretrained_source: for published weights, 'hub' (the Hugging Face Hub, timm's files) or
+        'release' (the authors' GitHub release of the five paper models).
       num_classes: classifier size; 0 removes the classifier (the model returns pre-logits). Defaults
         to the checkpoint's when ``pretrained`` is given, else to the variant's (1000).
       dtype: compute dtype (``jnp.bfloat16`` on TPU/GPU); parameters stay float32.
@@ -51,7 +62,13 @@ def create_model(
     options = dict(
         drop_path_rate=drop_path_rate, drop_rate=drop_rate, dtype=dtype, dw_conv_impl=dw_conv_impl, conv_impl=conv_impl
     )
-    if pretrained is None:
+    if pretrained is None or pretrained is False:
         return build_model(spec.name, num_classes=num_classes, seed=seed, rngs=rngs, **options)
-    weights = load_weights(pretrained, model=spec.name, num_classes=num_classes)
+    if pretrained is True or is_pretrained_name(pretrained):
+        tag = name if pretrained is True else str(pretrained)
+        weights = load_pretrained(tag, source=pretrained_source, num_classes=num_classes, ema=ema)
+        if weights.model != spec.name:
+            raise ValueError(f"pretrained={pretrained!r} holds {weights.model} weights, not {spec.name}")
+    else:
+        weights = load_weights(pretrained, model=spec.name, num_classes=num_classes, ema=ema)
     return model_from_params(spec.name, weights.params, num_classes=weights.num_classes, **options)

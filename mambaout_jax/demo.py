@@ -3,6 +3,7 @@
   python -m mambaout_jax.demo                        # the default main job's run, runs/digits, if present
   python -m mambaout_jax.demo --weights runs/digits  # any train.py run or weight file predict.py reads
   python -m mambaout_jax.demo --weights mambaout_femto.pth --port 8080
+  python -m mambaout_jax.demo --pretrained mambaout_femto.in1k  # published weights, from the Hugging Face cache
 
 Drop, paste or upload an image (or click an example) and see the top-5 classes with probabilities,
 the model and the time the prediction took. The page is served on 127.0.0.1 only, with Gradio's
@@ -109,7 +110,13 @@ def build_demo(predictor: Predictor, examples: Sequence[str] = ()) -> gr.Blocks:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", help=f"a train.py run or any weight file predict.py reads; default: {DEFAULT_RUN} if present")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--weights", help=f"a train.py run or any weight file predict.py reads; default: {DEFAULT_RUN} if present")
+    which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_femto.in1k (Hugging Face cache)")
+    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
+                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
+    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
+                   help="--ema / --no-ema: the EMA / raw weights of a training checkpoint or run (default: as eval.py)")
     p.add_argument("--model", help="variant, optionally with timm's pretrained tag (its eval settings); default: from the weights")
     p.add_argument("--classes", metavar="FILE", help="class names, one per line in index order (as predict.py)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
@@ -121,7 +128,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     weights = args.weights
-    if weights is None:
+    if weights is None and args.pretrained is None:
         if not DEFAULT_RUN.is_dir():
             print(
                 f"error: no --weights given and no {DEFAULT_RUN} here (the default main job's run: "
@@ -132,12 +139,14 @@ def main(argv=None) -> int:
         weights = DEFAULT_RUN
     try:
         predictor = load_predictor(
-            weights, model=args.model, class_names_file=args.classes, batch_size=1,
+            weights, pretrained=args.pretrained, pretrained_source=args.pretrained_source, ema=args.ema,
+            model=args.model, class_names_file=args.classes, batch_size=1,
             dtype={"float32": jnp.float32, "bfloat16": jnp.bfloat16}[args.dtype],
         )  # fmt: skip
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    print(f"weights: {predictor.loaded.describe()}", flush=True)
     print(f"{predictor.model}: compiled in {predictor.warm_up():.1f} s", flush=True)  # not at the first request
     examples = example_images(predictor)
     demo = build_demo(predictor, examples)

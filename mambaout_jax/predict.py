@@ -31,7 +31,7 @@ from ml_collections import ConfigDict
 
 from mambaout_jax.convert.run_checkpoint import read_meta
 from mambaout_jax.convert.torch_io import CheckpointError
-from mambaout_jax.convert.weights import LoadedWeights, load_weights
+from mambaout_jax.convert.weights import LoadedWeights, load_source
 from mambaout_jax.data.class_names import ClassNames, dataset_class_names, default_class_names, read_class_names_file
 from mambaout_jax.data.preprocessing import EvalPreprocessing, resolve_eval_preprocessing
 from mambaout_jax.data.sources import IMAGE_EXTENSIONS
@@ -98,6 +98,7 @@ class Predictor:
         if not (isinstance(batch_size, int) and batch_size > 0):
             raise ValueError(f"batch size must be a positive int, got {batch_size!r}")
         self.weights_source = weights.source
+        self.loaded = dataclasses.replace(weights, params={})  # what was loaded (source, set, tag), without the arrays
         self.model = name or weights.model
         self.dataset = dataset  # what a train.py run trained on ('digits', 'tfds', 'folder'); None: unknown
         self.num_classes = weights.num_classes
@@ -223,8 +224,11 @@ def weights_class_names(weights: LoadedWeights, class_names_file: str | None = N
 
 
 def load_predictor(
-    weights: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
     *,
+    pretrained: str | None = None,
+    pretrained_source: str = "hub",
+    ema: bool | None = None,
     model: str | None = None,
     class_names_file: str | None = None,
     image_size: int | None = None,
@@ -233,11 +237,15 @@ def load_predictor(
     dtype=jnp.float32,
     batch_size: int = 32,
 ) -> Predictor:
-    """A ``Predictor`` for a weight source (see the module docstring); errors name the file at fault."""
+    """A ``Predictor`` for a weight source (see the module docstring), or for published weights by
+    name (``pretrained="mambaout_tiny.in1k"``, with their tag's eval settings); ``ema`` picks the weight
+    set (``convert.weights``). Errors name the file at fault."""
     if model is not None:
         get_model_spec(model)  # an unknown name or tag fails before any file is read
     # Absolute: orbax refuses a relative checkpoint path (and a run's folder is often given relative).
-    loaded = load_weights(Path(weights).absolute(), model=model)
+    local = Path(weights).absolute() if weights is not None else None
+    loaded = load_source(local, pretrained, model=model, ema=ema, pretrained_source=pretrained_source)
+    model = model or loaded.tag
     preprocessing = weights_preprocessing(loaded, model, image_size=image_size, crop_pct=crop_pct, crop_mode=crop_mode)
     classes = weights_class_names(loaded, class_names_file)
     config = run_config(loaded)

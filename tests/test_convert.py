@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import subprocess
 import sys
 
@@ -16,7 +17,7 @@ from mambaout_jax.convert import CheckpointError, convert_state_dict, export_tim
 from mambaout_jax.convert.verify import compare_logits, flax_forward, timm_forward
 from mambaout_jax.models import get_params
 from timm.models.mambaout import checkpoint_filter_fn
-from torch_reference import random_timm_model, state_dict_numpy, timm_to_authors
+from torch_reference import random_timm_model, randomize_, state_dict_numpy, timm_to_authors
 
 NAME = "test_mambaout"
 
@@ -245,3 +246,132 @@ def test_cli_verify_failure_writes_nothing(tmp_path, reference):
     r = _cli(src, out, "--verify", "--verify-size", "64", "--tolerance", "0")
     assert r.returncode == 1 and "exceeds" in r.stderr
     assert not out.exists()
+
+
+# ---- timm training checkpoints (CheckpointSaver) ------------------------------------------------
+
+
+def _optimizer_after_one_step(tm):
+    opt = torch.optim.AdamW(tm.parameters(), lr=1e-3)
+    tm(torch.randn(2, 3, 64, 64)).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    return opt
+
+
+def _training_args(**extra) -> argparse.Namespace:
+    """What timm's train.py pickles as ``args``: its parsed flags plus the fields main() sets."""
+    return argparse.Namespace(
+        model=NAME, lr=4e-3, opt="adamw", opt_betas=None, weight_decay=0.05, model_ema=True, model_ema_decay=0.9999,
+        input_size=None, mean=None, std=None, crop_pct=None, aa="rand-m9-mstd0.5-inc1", model_kwargs={},
+        prefetcher=True, distributed=False, device="cuda:0", world_size=1, rank=0, native_amp=True, **extra,
+    )  # fmt: skip
+
+
+def _ema_model(tm, seed: int):
+    """An EMA copy whose weights differ from the raw model's (as after training), via timm's ModelEmaV3."""
+    from timm.utils import ModelEmaV3
+
+    ema = ModelEmaV3(tm, decay=0.9)
+    randomize_(ema.module, seed)
+    return ema
+
+
+@pytest.fixture(scope="module")
+def saver_checkpoints(tmp_path_factory, reference):
+    """model_best / last / checkpoint-0 of timm 1.0.31's CheckpointSaver (with EMA, AMP scaler, args, metric),
+    and the same dict written the way timm 0.6.11's saver (the authors' train.py) does."""
+    from timm.utils import CheckpointSaver, NativeScaler
+
+    tm, x, _ = reference
+    ema = _ema_model(tm, seed=11)
+    out = tmp_path_factory.mktemp("timm_saver")
+    opt = _optimizer_after_one_step(random_timm_model(NAME, seed=7))
+    saver = CheckpointSaver(
+        tm, opt, args=_training_args(), model_ema=ema, amp_scaler=NativeScaler(device="cpu"),
+        checkpoint_dir=str(out), recovery_dir=str(out), decreasing=False, max_history=2,
+    )  # fmt: skip
+    saver.save_checkpoint(0, metric=71.5)
+    # timm 0.6.11 timm/utils/checkpoint_saver.py _save: the same entries; 'amp_scaler' from the authors'
+    # NativeScalerAccum (utils.py, state_dict_key "amp_scaler"), and a DDP-wrapped model's 'module.' keys
+    # as saved without unwrap_fn.
+    legacy = out / "legacy_model_best.pth.tar"
+    torch.save(
+        {
+            "epoch": 299, "arch": NAME, "version": 2, "args": _training_args(),
+            "state_dict": {f"module.{k}": v for k, v in tm.state_dict().items()},
+            "optimizer": opt.state_dict(), "amp_scaler": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                                         "growth_interval": 2000, "_growth_tracker": 0},
+            "state_dict_ema": ema.module.state_dict(), "metric": 78.9,
+        },
+        str(legacy),
+    )  # fmt: skip
+    ema_logits = timm_forward(ema.module.eval(), x)
+    return out, legacy, ema_logits
+
+
+@pytest.mark.parametrize("name", ["model_best.pth.tar", "last.pth.tar", "checkpoint-0.pth.tar", "legacy_model_best.pth.tar"])
+def test_timm_training_checkpoints_load_either_weight_set(saver_checkpoints, reference, name):
+    tm, x, ref = reference
+    out, _, ema_logits = saver_checkpoints
+    path = out / name
+    with pytest.raises(Exception, match="argparse.Namespace"):  # not a plain weights file: args are pickled
+        torch.load(str(path), weights_only=True)
+    default = load_weights(path)
+    assert default.weight_set == "state_dict"  # timm's validate.py: load_checkpoint(use_ema=False)
+    assert load_weights(path, ema=False).weight_set == "state_dict"
+    averaged = load_weights(path, ema=True)
+    assert averaged.weight_set == "state_dict_ema"
+    for loaded, expected in ((default, ref), (averaged, ema_logits)):
+        model = mambaout_jax.models.model_from_params(loaded.model, loaded.params, num_classes=loaded.num_classes)
+        assert compare_logits(expected, flax_forward(model, x))["rel_err"] <= 2e-5
+    assert compare_logits(ref, ema_logits)["rel_err"] > 1e-2  # the two sets really differ
+    model = mambaout_jax.create_model(NAME, pretrained=path, ema=True)
+    assert compare_logits(ema_logits, flax_forward(model, x))["rel_err"] <= 2e-5
+
+
+def test_only_exactly_argparse_namespace_is_allowed(tmp_path, reference):
+    """The training-checkpoint allowance is one global; any other class in the file is still refused."""
+    import collections
+
+    tm, _, _ = reference
+    path = tmp_path / "other.pth.tar"
+    Point = collections.namedtuple("Point", "x y")  # noqa: PYI024
+    globals()["Point"] = Point  # picklable by reference, as a user class in a training script would be
+    torch.save({"state_dict": tm.state_dict(), "args": _training_args(), "extra": Point(1, 2)}, str(path))
+    with pytest.raises(CheckpointError, match=r"refused to unpickle.*Unsupported global: GLOBAL test_convert\.Point"):
+        load_weights(path)
+
+
+def test_a_file_with_one_weight_set(tmp_path, reference, saver_checkpoints):
+    tm, x, ref = reference
+    _, _, ema_logits = saver_checkpoints
+    only_ema = tmp_path / "only_ema.pth.tar"
+    torch.save({"epoch": 3, "args": _training_args(), "state_dict_ema": tm.state_dict()}, str(only_ema))
+    assert load_weights(only_ema).weight_set == "state_dict_ema"  # the only set there is
+    with pytest.raises(CheckpointError, match=r"only_ema.pth.tar: has only EMA weights.*found: 'epoch', 'args', 'state_dict_ema'"):
+        load_weights(only_ema, ema=False)
+    only_raw = _write(tmp_path / "raw.pth", _torch_sd(tm, "timm"), "pth", True)
+    with pytest.raises(CheckpointError, match=r"raw.pth: has no EMA weights.*found: 'model', 'epoch'"):
+        load_weights(only_raw, ema=True)
+    bare = _write(tmp_path / "bare.safetensors", _torch_sd(tm, "timm"), "safetensors", False)
+    with pytest.raises(CheckpointError, match="bare.safetensors: a safetensors file holds one weight set"):
+        load_weights(bare, ema=True)
+    no_weights = tmp_path / "no_weights.pth.tar"
+    torch.save({"epoch": 3, "args": _training_args(), "metric": 1.0}, str(no_weights))
+    with pytest.raises(CheckpointError, match=r"no_weights.pth.tar: .*not a state_dict.*top-level keys found: 'epoch', 'args', 'metric'"):
+        load_weights(no_weights)
+
+
+def test_cli_ema_flag_converts_the_chosen_set(tmp_path, reference, saver_checkpoints):
+    tm, x, ref = reference
+    out_dir, legacy, ema_logits = saver_checkpoints
+    for flag, expected, name in (("--ema", ema_logits, "state_dict_ema"), ("--no-ema", ref, "state_dict"), (None, ref, "state_dict")):
+        out = tmp_path / f"{flag}.safetensors"
+        r = _cli(legacy, out, *([flag] if flag else []))
+        assert r.returncode == 0, r.stderr
+        assert f"weight set: {name}" in r.stdout
+        model = mambaout_jax.create_model(NAME, pretrained=out)
+        assert compare_logits(expected, flax_forward(model, x))["rel_err"] <= 2e-5
+    r = _cli(_write(tmp_path / "raw.pth", _torch_sd(tm, "timm"), "pth", False), tmp_path / "x.safetensors", "--ema")
+    assert r.returncode == 2 and "no EMA weights" in r.stderr and "Traceback" not in r.stderr

@@ -1,7 +1,11 @@
 """Reading and writing weight files safely: PyTorch pickles (weights only), safetensors, our own format.
 
 Nothing here executes code from a file: ``.pth``/``.pt``/``.bin`` go through
-``torch.load(weights_only=True)`` and everything else through safetensors. A file may be local
+``torch.load(weights_only=True)`` and everything else through safetensors. The one global
+unpickled beyond ``weights_only``'s own allow-list is ``argparse.Namespace``: the ``args`` entry of
+timm's ``CheckpointSaver`` files (``last.pth.tar``, ``model_best.pth.tar``, ``checkpoint-<epoch>.pth.tar``
+of timm 0.6.x -- the authors' ``train.py`` -- and 1.0.x), whose other entries (``optimizer``,
+``amp_scaler``/``amp``, ``metric``, ``epoch``, ``version``, ``arch``) are plain containers and tensors. A file may be local
 or a ``gs://`` object (read whole into memory). Every write is atomic (``storage.atomic_output``:
 a temporary file renamed into place, or one object upload), so a failed conversion never leaves
 a partial or clobbered output behind.
@@ -9,6 +13,7 @@ a partial or clobbered output behind.
 
 from __future__ import annotations
 
+import argparse
 import io
 import os
 from pathlib import Path
@@ -21,6 +26,17 @@ from mambaout_jax import storage
 # Metadata key and value marking a safetensors file written by this project (flat contract params).
 FORMAT_KEY = "format"
 FLAX_FORMAT = "mambaout_jax.params.v1"
+
+
+# Globals a timm CheckpointSaver file needs beyond torch.load(weights_only=True)'s own allow-list
+# (timm/utils/checkpoint_saver.py ``_save``: ``save_state['args'] = self.args``, an argparse.Namespace).
+TRAINING_CHECKPOINT_GLOBALS = (argparse.Namespace,)
+
+# Where a wrapped checkpoint keeps each weight set, in the order timm's ``_get_state_dict``
+# (timm/models/_helpers.py) looks: raw weights under 'state_dict' (CheckpointSaver) or 'model' (the
+# authors' release, DeiT-style scripts), EMA weights under 'state_dict_ema' or 'model_ema'.
+RAW_KEYS = ("state_dict", "model")
+EMA_KEYS = ("state_dict_ema", "model_ema")
 
 
 class CheckpointError(ValueError):
@@ -40,15 +56,42 @@ def _to_numpy(value, key: str, path: Path) -> np.ndarray:
     return value.numpy()
 
 
-def _unwrap(obj, path: Path) -> Mapping:
-    """Accept a bare state_dict or one wrapped as {"model": ...} / {"state_dict": ...}."""
+def select_weight_set(obj, path, ema: bool | None = None) -> tuple[str | None, Mapping]:
+    """``(set name, state_dict)`` of a loaded checkpoint: a bare state_dict, or one of its wrapped sets.
+
+    ``ema``: None takes the raw weights (timm's ``validate.py``: ``load_checkpoint(use_ema=False)``)
+    and the EMA weights only when the file has no raw ones; True the EMA set, False the raw set, each
+    an error naming the keys found when the file lacks it. The set name is None for a bare state_dict.
+    """
     if not isinstance(obj, Mapping):
         raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state_dict (a mapping of tensors)")
-    for wrapper in ("model", "state_dict"):
-        inner = obj.get(wrapper)
-        if isinstance(inner, Mapping):
-            return inner
-    return obj
+    raw = next((k for k in RAW_KEYS if isinstance(obj.get(k), Mapping)), None)
+    averaged = next((k for k in EMA_KEYS if isinstance(obj.get(k), Mapping)), None)
+    if raw is None and averaged is None:  # a bare state_dict
+        if ema:
+            raise CheckpointError(
+                f"{path}: holds a single, bare state_dict (no {' / '.join(EMA_KEYS)} entry), so there are no EMA "
+                "weights to choose; load it without --ema (ema=None)"
+            )
+        return None, obj
+    found = ", ".join(repr(str(k)) for k in obj)
+    if ema is None:
+        key = raw or averaged
+    elif ema:
+        if averaged is None:
+            raise CheckpointError(
+                f"{path}: has no EMA weights (none of {', '.join(EMA_KEYS)}; found: {found}); load it with "
+                "--no-ema (ema=False) or without --ema"
+            )
+        key = averaged
+    else:
+        if raw is None:
+            raise CheckpointError(
+                f"{path}: has only EMA weights (none of {', '.join(RAW_KEYS)}; found: {found}); load it with "
+                "--ema (ema=True) or without --no-ema"
+            )
+        key = raw
+    return key, obj[key]
 
 
 def _strip_prefix(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -79,7 +122,8 @@ def read_safetensors(path: Path, data: bytes | None = None) -> tuple[dict[str, n
     return tensors, metadata
 
 
-def read_torch_pickle(path: Path, data: bytes | None = None) -> dict[str, np.ndarray]:
+def read_torch_pickle(path: Path, data: bytes | None = None, *, ema: bool | None = None) -> tuple[str | None, dict[str, np.ndarray]]:
+    """``(weight set, state_dict)`` of a PyTorch pickle; see ``select_weight_set`` for ``ema``."""
     try:
         import torch
     except ImportError:
@@ -90,23 +134,38 @@ def read_torch_pickle(path: Path, data: bytes | None = None) -> dict[str, np.nda
     import pickle
 
     try:
-        obj = torch.load(str(path) if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(TRAINING_CHECKPOINT_GLOBALS)):
+            obj = torch.load(str(path) if data is None else io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is a page of advice to drop weights_only; keep its one line naming the global.
+        reason = next((ln.strip() for ln in str(e).splitlines() if "Unsupported" in ln or "WeightsUnpickler" in ln), str(e))
         raise CheckpointError(
             f"{path}: refused to unpickle (it is not a plain weights file, or it contains code; "
-            f"only torch.load(weights_only=True) content is accepted): {e}"
+            f"only torch.load(weights_only=True) content, plus argparse.Namespace, is accepted): {reason}"
         ) from None
     except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as e:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt?): {e}") from None
-    sd = _unwrap(obj, path)
-    return _strip_prefix({str(k): _to_numpy(v, str(k), path) for k, v in sd.items()})
+    weight_set, sd = select_weight_set(obj, path, ema)
+    not_tensors = [str(k) for k, v in sd.items() if not isinstance(v, (torch.Tensor, np.ndarray))]
+    if not_tensors:
+        where = f"its {weight_set!r} entry" if weight_set else "it"
+        raise CheckpointError(
+            f"{path}: {where} is not a state_dict: entries {not_tensors[:8]} are not tensors "
+            f"(top-level keys found: {', '.join(repr(str(k)) for k in (obj if isinstance(obj, Mapping) else {}))})"
+        )
+    return weight_set, _strip_prefix({str(k): _to_numpy(v, str(k), path) for k, v in sd.items()})
 
 
-def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
+def read_weights(
+    path: str | os.PathLike, *, ema: bool | None = None
+) -> tuple[str, dict[str, np.ndarray], dict[str, str]]:
     """Read a weight file, local or ``gs://``. Returns ``(kind, tensors, metadata)``; kind is 'flax' or 'torch'.
 
     'flax' means a safetensors file this project wrote (keys are contract paths); 'torch' means a
-    PyTorch state_dict (authors' or timm layout), from a pickle or a safetensors file.
+    PyTorch state_dict (authors' or timm layout), from a pickle or a safetensors file. A pickle's
+    metadata has ``weight_set``: the entry its weights came from ('state_dict', 'state_dict_ema',
+    'model', ...) when it wraps them; ``ema`` picks the set (``select_weight_set``). A safetensors
+    file holds one set: ``ema=True`` is an error there.
     """
     try:
         path = storage.as_path(path, "weights")
@@ -128,13 +187,19 @@ def read_weights(path: str | os.PathLike) -> tuple[str, dict[str, np.ndarray], d
             raise CheckpointError(f"{path}: is empty")
         head = data[:9]
     if head[8:9] == b"{":  # safetensors: u64 header length, then the JSON header
+        if ema:
+            raise CheckpointError(
+                f"{path}: a safetensors file holds one weight set, so there are no EMA weights to choose; "
+                "load it without --ema (ema=None)"
+            )
         tensors, metadata = read_safetensors(path, data)
         if metadata.get(FORMAT_KEY) == FLAX_FORMAT:
             return "flax", tensors, metadata
         tensors = _strip_prefix(_unwrap_flat(tensors))
         return "torch", tensors, metadata
     if head.startswith(b"PK") or head.startswith(b"\x80"):  # torch zip archive / legacy pickle
-        return "torch", read_torch_pickle(path, data), {}
+        weight_set, tensors = read_torch_pickle(path, data, ema=ema)
+        return "torch", tensors, ({"weight_set": weight_set} if weight_set else {})
     raise CheckpointError(f"{path}: neither a PyTorch checkpoint (.pth/.pt/.bin) nor a safetensors file")
 
 
