@@ -8,13 +8,22 @@ import numpy as np
 import pytest
 import timm
 import torch
+from flax import nnx
 from torch.utils.flop_counter import FlopCounterMode
 
 import mambaout_jax
 from mambaout_jax.convert import convert_state_dict
 from mambaout_jax.convert.verify import flax_forward
 from mambaout_jax.models import PAPER_MODELS, get_params, model_from_params
-from mambaout_jax.models.layers import DropPath, Dropout, depthwise_conv_grouped, depthwise_conv_shift, drop_path
+from mambaout_jax.models.layers import (
+    DepthwiseConv2d,
+    DropPath,
+    Dropout,
+    depthwise_conv_grouped,
+    depthwise_conv_grouped_passthrough,
+    depthwise_conv_shift,
+    drop_path,
+)
 from mambaout_jax.models.mambaout import drop_path_rates
 from torch_reference import random_timm_model, state_dict_numpy
 
@@ -145,6 +154,62 @@ def test_auto_conv_forms_follow_backend():
     assert resolve_depthwise_impl("auto", "gpu") == "grouped"
     with pytest.raises(ValueError, match="unknown depthwise conv impl 'fft'"):
         resolve_depthwise_impl("fft")
+
+
+@pytest.mark.parametrize("size,passthrough,channels", [(14, 3, 5), (9, 128, 64)])
+def test_grouped_passthrough_conv_equals_slice_conv_concat_with_its_gradients(size, passthrough, channels):
+    """[x[..., :p], conv(x[..., p:])] in one grouped convolution: same values, same gradients as the
+    slice-convolve-concatenate it replaces (autodiff), and exactly x on the passed-through channels."""
+    kx, kk, kg = jax.random.split(jax.random.key(size), 3)
+    x = jax.random.normal(kx, (2, size, size, passthrough + channels))
+    k = jax.random.normal(kk, (7, 7, 1, channels))
+    g = jax.random.normal(kg, x.shape)
+
+    def reference(x, k):
+        return jnp.concatenate([x[..., :passthrough], depthwise_conv_grouped(x[..., passthrough:], k)], axis=-1)
+
+    def passthrough_conv(x, k):
+        return depthwise_conv_grouped_passthrough(x, k, passthrough)
+
+    with jax.default_matmul_precision("highest"):
+        (a, (dx_a, dk_a)), (b, (dx_b, dk_b)) = (
+            jax.jit(lambda x, k, f=f: (lambda y, vjp: (y, vjp(g)))(*jax.vjp(f, x, k)))(x, k)
+            for f in (reference, passthrough_conv)
+        )
+    np.testing.assert_array_equal(np.asarray(b[..., :passthrough]), np.asarray(x[..., :passthrough]))
+    for ours, theirs in ((b, a), (dx_b, dx_a), (dk_b, dk_a)):
+        assert ours.shape == theirs.shape
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(theirs), rtol=0, atol=1e-5 * float(jnp.abs(theirs).max()))
+
+
+@pytest.mark.parametrize("impl", ["grouped", "shift"])
+def test_depthwise_module_passthrough_in_both_forms(impl):
+    conv = DepthwiseConv2d(6, impl=impl, dtype=jnp.float32, rngs=nnx.Rngs(0))
+    conv.bias[...] = jnp.arange(6, dtype=jnp.float32)
+    x = jax.random.normal(jax.random.key(0), (2, 9, 9, 10))
+    with jax.default_matmul_precision("highest"):
+        y = conv(x, passthrough=4)
+        tail = conv(x[..., 4:])
+    np.testing.assert_array_equal(np.asarray(y[..., :4]), np.asarray(x[..., :4]))
+    np.testing.assert_allclose(np.asarray(y[..., 4:]), np.asarray(tail), rtol=0, atol=1e-5 * float(jnp.abs(tail).max()))
+    with pytest.raises(ValueError, match="expected 3 \\+ 6 channels, got 10"):
+        conv(x, passthrough=3)
+
+
+def test_per_sample_keys_make_drop_path_independent_of_how_the_batch_is_split():
+    """One key per sample (train/steps.py folds them from the row in the global batch): each
+    sample's mask depends on its key alone, so halves of a batch draw what the whole batch draws."""
+    model = mambaout_jax.create_model("test_mambaout", drop_path_rate=0.5, seed=0)
+    model.train()
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((6, 32, 32, 3), dtype=np.float32))
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(3), jnp.arange(6))
+    whole = np.asarray(model(x, keys))
+    halves = np.concatenate([np.asarray(model(x[:3], keys[:3])), np.asarray(model(x[3:], keys[3:]))])
+    np.testing.assert_allclose(halves, whole, rtol=0, atol=1e-5 * np.abs(whole).max())
+    other = np.asarray(model(x, jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(4), jnp.arange(6))))
+    assert not np.allclose(other, whole)  # the keys do decide the draws
+    with pytest.raises(ValueError, match=r"per-sample keys \(4,\) do not match a batch of 6"):
+        model(x, keys[:4])
 
 
 def test_drop_path_keeps_the_expected_fraction_and_scales_by_one_over_keep():

@@ -45,6 +45,13 @@ Linear = functools.partial(
 )
 
 
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array, dtype) -> jax.Array:
+    """``x @ kernel + bias`` on the last axis in ``dtype``: what ``Linear`` computes, for a column
+    block of a ``Linear``'s parameters."""
+    x, kernel, bias = x.astype(dtype), kernel.astype(dtype), bias.astype(dtype)
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ()))) + bias
+
+
 ConvImpl = Literal["auto", "xla", "im2col"]
 CONV_IMPLS = ("auto", "xla", "im2col")
 
@@ -202,8 +209,51 @@ def _depthwise_shift_bwd(residuals, g):
 depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
+def _with_identity_taps(kernel: jax.Array, passthrough: int) -> jax.Array:
+    """``kernel`` (k, k, 1, C) preceded by ``passthrough`` channels whose only tap is the centre, 1."""
+    k = kernel.shape[0]
+    identity = jnp.zeros((k, k, 1, passthrough), kernel.dtype).at[k // 2, k // 2].set(1)
+    return jnp.concatenate([identity, kernel], axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_conv_grouped_passthrough(x: jax.Array, kernel: jax.Array, passthrough: int) -> jax.Array:
+    """``[x[..., :p], conv(x[..., p:])]`` as one grouped convolution over all of x (p = passthrough).
+
+    The first p channels get a kernel whose only tap is the centre with weight 1, so they come out
+    exactly as they went in (x * 1 plus zeros, for finite x) and no slice of x nor concatenation
+    of the result is ever materialised: on TPU every buffer keeps its 128-lane tiles whole. The
+    gradient is written out because autodiff would differentiate the constant identity taps too
+    (a kernel gradient over all channels, which the TPU compiler rejects once the constant part
+    is sliced away); the kernel gradient is the plain depthwise one over the convolved channels.
+    """
+    return depthwise_conv_grouped(x, _with_identity_taps(kernel, passthrough))
+
+
+def _passthrough_fwd(x, kernel, passthrough):
+    return depthwise_conv_grouped_passthrough(x, kernel, passthrough), (x, kernel)
+
+
+def _passthrough_bwd(passthrough, residuals, g):
+    x, kernel = residuals
+    # A 'same' correlation's input gradient is the correlation of g with the flipped kernel.
+    dx = depthwise_conv_grouped(g, _with_identity_taps(kernel, passthrough)[::-1, ::-1])
+    _, kernel_vjp = jax.vjp(lambda k: depthwise_conv_grouped(x[..., passthrough:], k), kernel)
+    (dk,) = kernel_vjp(g[..., passthrough:])
+    return dx, dk
+
+
+depthwise_conv_grouped_passthrough.defvjp(_passthrough_fwd, _passthrough_bwd)
+
+
 class DepthwiseConv2d(nnx.Module):
-    """k x k depthwise convolution with bias ('same' padding, stride 1), two interchangeable forms."""
+    """k x k depthwise convolution with bias ('same' padding, stride 1), two interchangeable forms.
+
+    ``conv(x, passthrough=p)`` leaves the first p channels of x unchanged and convolves the rest
+    (the Gated CNN block's ``[i, conv(c)]``): the grouped form does it in place, in one convolution
+    over all channels (``depthwise_conv_grouped_passthrough``); the shift form, whose cost grows
+    with the channels it touches, convolves only the last ones and concatenates.
+    """
 
     def __init__(
         self,
@@ -221,14 +271,19 @@ class DepthwiseConv2d(nnx.Module):
         self.kernel = nnx.Param(weight_init(rngs.params(), shape))
         self.bias = nnx.Param(jnp.zeros((channels,), jnp.float32))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, passthrough: int = 0) -> jax.Array:
+        if x.shape[-1] != passthrough + self.channels:
+            raise ValueError(f"expected {passthrough} + {self.channels} channels, got {x.shape[-1]}")
         x = x.astype(self.dtype)
         kernel = self.kernel[...].astype(self.dtype)
+        bias = self.bias[...].astype(self.dtype)
+        if self.impl == "grouped" and passthrough:
+            bias = jnp.concatenate([jnp.zeros((passthrough,), self.dtype), bias])
+            return depthwise_conv_grouped_passthrough(x, kernel, passthrough) + bias
         if self.impl == "grouped":
-            y = depthwise_conv_grouped(x, kernel)
-        else:
-            y = depthwise_conv_shift(x, kernel)
-        return y + self.bias[...].astype(self.dtype)
+            return depthwise_conv_grouped(x, kernel) + bias
+        y = depthwise_conv_shift(x[..., passthrough:], kernel) + bias
+        return jnp.concatenate([x[..., :passthrough], y], axis=-1) if passthrough else y
 
 
 class LayerScale(nnx.Module):
@@ -241,10 +296,27 @@ class LayerScale(nnx.Module):
         return x * self.gamma[...].astype(x.dtype)
 
 
+def fold_in(key: jax.Array, data: int) -> jax.Array:
+    """``jax.random.fold_in`` of one key, or of each key of a batch of per-sample keys."""
+    if key.ndim == 0:
+        return jax.random.fold_in(key, data)
+    return jax.vmap(jax.random.fold_in, in_axes=(0, None))(key, data)
+
+
 def _drop(x: jax.Array, rate: float, key: jax.Array, mask_shape: tuple[int, ...]) -> jax.Array:
-    """Zero entries of ``x`` with probability ``rate`` (broadcast over ``mask_shape``), scale kept ones by 1/keep."""
+    """Zero entries of ``x`` with probability ``rate`` (broadcast over ``mask_shape``), scale kept ones by 1/keep.
+
+    ``key`` is one key for the whole batch, or one key per sample (shape ``(batch,)``): then each
+    sample's mask depends on its own key only, so the draws do not change with how a batch is
+    split into micro-batches or over devices.
+    """
     keep = 1.0 - rate
-    mask = jax.random.bernoulli(key, keep, mask_shape)
+    if key.ndim == 0:
+        mask = jax.random.bernoulli(key, keep, mask_shape)
+    else:
+        if key.shape != x.shape[:1]:
+            raise ValueError(f"per-sample keys {key.shape} do not match a batch of {x.shape[0]}")
+        mask = jax.vmap(lambda k: jax.random.bernoulli(k, keep, mask_shape[1:]))(key)
     return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros((), x.dtype))
 
 

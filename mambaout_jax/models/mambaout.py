@@ -25,6 +25,8 @@ from mambaout_jax.models.layers import (
     LayerNorm,
     LayerScale,
     Linear,
+    dense,
+    fold_in,
     get_activation,
 )
 
@@ -88,11 +90,12 @@ class Stem(nnx.Module):
         self.norm2 = LayerNorm(out_chans, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = self.conv1(x)
-        if self.norm1 is not None:
-            x = self.norm1(x)
-        x = self.act(x)
-        return self.norm2(self.conv2(x))
+        with jax.named_scope("stem"):
+            x = self.conv1(x)
+            if self.norm1 is not None:
+                x = self.norm1(x)
+            x = self.act(x)
+            return self.norm2(self.conv2(x))
 
 
 class Downsample(nnx.Module):
@@ -103,7 +106,8 @@ class Downsample(nnx.Module):
         self.norm = LayerNorm(out_chans, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.norm(self.conv(x))
+        with jax.named_scope("downsample"):
+            return self.norm(self.conv(x))
 
 
 class DownsampleNormFirst(nnx.Module):
@@ -114,11 +118,16 @@ class DownsampleNormFirst(nnx.Module):
         self.conv = Conv2d(in_chans, out_chans, impl=conv_impl, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.conv(self.norm(x))
+        with jax.named_scope("downsample"):
+            return self.conv(self.norm(x))
 
 
 class GatedCNNBlock(nnx.Module):
     """x + DropPath(LayerScale(fc2(act(g) * [i, dwconv(c)]))), [g|i|c] = fc1(LN(x)).
+
+    Each part runs under a ``jax.named_scope`` (norm, fc1, dwconv, gate, fc2, residual) that the
+    compiled program's op names keep, which is how ``mambaout_jax.plan.breakdown`` attributes
+    the train step's bytes and FLOPs to model parts.
 
     The depthwise conv runs on only ``conv_ratio * dim`` channels (timm's ``GatedConvBlock``);
     the split sizes (h, h - k, k) can be odd, e.g. (341, 213, 128) in base's first stage.
@@ -149,13 +158,26 @@ class GatedCNNBlock(nnx.Module):
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
         shortcut = x
-        y = self.fc1(self.norm(x))
         h, i_size, _ = self.split_sizes
-        g, i, c = y[..., :h], y[..., h : h + i_size], y[..., h + i_size :]
-        y = self.fc2(self.act(g) * jnp.concatenate([i, self.conv(c)], axis=-1))
-        if self.ls is not None:
-            y = self.ls(y)
-        return shortcut + self.drop_path(y, key)
+        with jax.named_scope("norm"):
+            y = self.norm(x)
+        with jax.named_scope("fc1"):
+            # fc1 as two products, g and [i | c] (column blocks of timm's one fc1): each lands in
+            # its own lane-aligned buffer instead of being sliced out of one 2h-wide result, and
+            # [i | c] goes to the depthwise conv whole (passthrough=i), so [i, conv(c)] is never
+            # concatenated. Same dot products, same numbers; bytes saved: docs/TPU_PLANNING.md.
+            g = dense(y, self.fc1.kernel[...][:, :h], self.fc1.bias[...][:h], self.fc1.dtype)
+            ic = dense(y, self.fc1.kernel[...][:, h:], self.fc1.bias[...][h:], self.fc1.dtype)
+        with jax.named_scope("dwconv"):
+            ic = self.conv(ic, passthrough=i_size)  # [i, dwconv(c)]
+        with jax.named_scope("gate"):
+            y = self.act(g) * ic
+        with jax.named_scope("fc2"):
+            y = self.fc2(y)
+        with jax.named_scope("residual"):
+            if self.ls is not None:
+                y = self.ls(y)
+            return shortcut + self.drop_path(y, key)
 
 
 class MambaOutStage(nnx.Module):
@@ -191,7 +213,8 @@ class MambaOutStage(nnx.Module):
         if self.downsample is not None:
             x = self.downsample(x)
         for b, block in enumerate(self.blocks):
-            x = block(x, None if key is None else jax.random.fold_in(key, b))
+            with jax.named_scope(f"blocks_{b}"):
+                x = block(x, None if key is None else fold_in(key, b))
         return x
 
 
@@ -231,12 +254,13 @@ class MlpHead(nnx.Module):
         self.fc = Linear(self.num_features, num_classes, dtype=dtype, rngs=rngs) if num_classes > 0 else None
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None, *, pre_logits: bool = False) -> jax.Array:
-        x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
-        x = self.pre_logits(self.norm(x))
-        x = self.head_dropout(x, key)
-        if pre_logits or self.fc is None:
-            return x
-        return self.fc(x)
+        with jax.named_scope("head"):
+            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2))
+            x = self.pre_logits(self.norm(x))
+            x = self.head_dropout(x, key)
+            if pre_logits or self.fc is None:
+                return x
+            return self.fc(x)
 
 
 class MambaOut(nnx.Module):
@@ -245,7 +269,9 @@ class MambaOut(nnx.Module):
     ``dw_conv_impl`` and ``conv_impl`` choose how the depthwise and the dense (stem, downsample)
     convolutions are computed; 'auto' picks by backend, every form computes the same numbers.
     The model is built in inference mode. ``model.train()`` switches on drop path and head dropout
-    (then ``model(x, key=...)`` needs a PRNG key); ``model.eval()`` switches them off again.
+    (then ``model(x, key=...)`` needs a PRNG key: one for the batch, or one per sample, shape
+    ``(batch,)``, which makes every sample's draws independent of the batch it is in);
+    ``model.eval()`` switches them off again.
     Outputs are float32 whatever the compute ``dtype``.
     """
 
@@ -311,7 +337,8 @@ class MambaOut(nnx.Module):
         x = self.stem(x)
         features = []
         for s, stage in enumerate(self.stages):
-            x = stage(x, None if key is None else jax.random.fold_in(key, s))
+            with jax.named_scope(f"stages_{s}"):
+                x = stage(x, None if key is None else fold_in(key, s))
             if s in take:
                 features.append(x)
         return x, features
@@ -320,7 +347,7 @@ class MambaOut(nnx.Module):
         return self.forward_intermediates(x, key, indices=())[0]
 
     def forward_head(self, x: jax.Array, key: jax.Array | None = None, *, pre_logits: bool = False) -> jax.Array:
-        head_key = None if key is None else jax.random.fold_in(key, len(self.stages))
+        head_key = None if key is None else fold_in(key, len(self.stages))
         return self.head(x, head_key, pre_logits=pre_logits).astype(jnp.float32)
 
     def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
