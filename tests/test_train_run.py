@@ -233,3 +233,114 @@ def test_init_from_pytorch_weights_and_eval_py_agree(run_env, tmp_path):
     a, b = eval_py(tmp_path / "run"), eval_py(tmp_path / "start.pth")
     assert a["count"] == b["count"] == 355
     assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+
+
+def read_stderr_until(proc, marker: str, timeout: float = 600) -> list[str]:
+    """Lines of ``proc``'s stderr up to the first containing ``marker`` (bounded by ``timeout``)."""
+    import selectors
+
+    lines, deadline = [], time.time() + timeout
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stderr, selectors.EVENT_READ)
+        while time.time() < deadline:
+            if not sel.select(timeout=1):
+                continue
+            line = proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"training exited ({proc.wait()}) before {marker!r}:\n{''.join(lines)[-3000:]}")
+            lines.append(line)
+            if marker in line:
+                return lines
+    raise TimeoutError(marker)
+
+
+# How long after a SIGTERM a run must have saved and exited, for the tiny runs below: the current
+# eval batch or (during compilation) the first step, then one checkpoint. On ImageNet the same
+# boundaries apply: one eval batch, or compilation plus one train step, never a whole evaluation.
+SAVE_AFTER_SIGTERM_S = 60
+
+
+def test_sigterm_during_evaluation_saves_at_the_next_eval_batch_and_the_resumed_run_evaluates_first(
+    run_env, uninterrupted, tmp_path
+):
+    workdir = tmp_path / "preempted_in_eval"
+    flags = [*SHORT, "--config.eval_every_epochs=1", "--config.eval_batch_size=8"]  # 45 eval batches
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    proc = subprocess.Popen(train_cmd(workdir, *flags), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    read_stderr_until(proc, "evaluating step 22 ")
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    elapsed = time.time() - signalled
+    assert proc.returncode == 0, err[-3000:]
+    assert "preemption signal during evaluation: saved step 22, exiting" in err
+    assert json.loads(out.strip().splitlines()[-1]) == {"preempted": True, "step": 22}
+    assert elapsed < SAVE_AFTER_SIGTERM_S, f"saved {elapsed:.0f}s after SIGTERM"
+    assert not records(workdir, "eval")  # the evaluation was cut short, not recorded
+    assert (workdir / "checkpoints" / "22" / "state").is_dir()
+
+    r = run_train(run_env, workdir, *flags)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.index("resumed from this run's checkpoint at step 22") < r.stderr.index("evaluating step 22 ")
+    assert [e["step"] for e in records(workdir, "eval")] == [22, 44, 66]
+    assert losses_by_step(workdir) == losses_by_step(uninterrupted)
+
+
+def test_sigterm_during_compilation_saves_after_the_first_step(run_env, tmp_path):
+    workdir = tmp_path / "preempted_in_compile"
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=1", JAX_COMPILATION_CACHE_DIR="")
+    proc = subprocess.Popen(train_cmd(workdir, *SHORT), env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lines = read_stderr_until(proc, "starting from scratch")  # the next thing is the first step's compilation
+    signalled = time.time()
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    elapsed = time.time() - signalled
+    assert proc.returncode == 0, err[-3000:]
+    assert not any("first step done" in line for line in lines)  # the signal arrived before the first step ended
+    assert json.loads(out.strip().splitlines()[-1]) == {"preempted": True, "step": 1}
+    assert elapsed < SAVE_AFTER_SIGTERM_S, f"saved {elapsed:.0f}s after SIGTERM"
+    assert (workdir / "checkpoints" / "1" / "state").is_dir()
+
+
+def test_sigterm_to_one_of_two_processes_saves_the_same_step_on_both_and_resumes_exactly(run_env, tmp_path):
+    """Two processes joined by jax.distributed; the preemption notice reaches one of them (as a
+    maintenance event reaches one TPU VM of a slice). JAX's notifier tells the other, both stop at
+    the same sync point, save one checkpoint together and exit 0; the same command resumes it."""
+    flags = ["--config.max_steps=24", "--config.log_every_steps=1", "--config.checkpoint_every_steps=100",
+             "--config.eval_every_epochs=100"]  # fmt: skip
+    env = dict(run_env, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+
+    def start(workdir):
+        port = _free_port()
+        return [
+            subprocess.Popen(
+                train_cmd(workdir, *flags, "--distributed", f"--coordinator_address=127.0.0.1:{port}",
+                          "--num_processes=2", f"--process_id={i}"),
+                env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            for i in range(2)
+        ]
+
+    def finish(procs):
+        outs = [p.communicate(timeout=900) for p in procs]
+        for p, (_, err) in zip(procs, outs):
+            assert p.returncode == 0, err[-3000:]
+        return outs
+
+    finish(start(tmp_path / "reference"))
+    procs = start(tmp_path / "preempted")
+    wait_for_step(tmp_path / "preempted", 6, procs[0])
+    procs[1].send_signal(signal.SIGTERM)
+    outs = finish(procs)
+    result = json.loads(outs[0][0].strip().splitlines()[-1])  # process 0 reports for the run
+    assert result["preempted"] is True and result["step"] < 24
+    saved = sorted(int(p.name) for p in (tmp_path / "preempted" / "checkpoints").iterdir() if p.name.isdigit())
+    assert saved == [result["step"]]
+    # Each process wrote its own data-iterator position into that one step.
+    step_dir = tmp_path / "preempted" / "checkpoints" / str(saved[0])
+    assert sorted(p.name for p in (step_dir / "data_iterator").glob("process_*")) == ["process_0-of-2.json", "process_1-of-2.json"]
+
+    finish(start(tmp_path / "preempted"))
+    assert losses_by_step(tmp_path / "preempted") == losses_by_step(tmp_path / "reference")
