@@ -45,6 +45,7 @@ class DownloadError(CheckpointError):
 def _huggingface_hub():
     try:
         import huggingface_hub
+        import huggingface_hub.constants  # a lazy attribute of the package otherwise
     except ImportError:
         raise DownloadError(
             "pretrained weights by name come from the Hugging Face Hub through huggingface_hub, which is not "
@@ -61,10 +62,10 @@ def hub_cache_dir() -> str:
 def is_offline() -> bool:
     """``HF_HUB_OFFLINE`` as huggingface_hub reads it (once, when it is imported)."""
     try:
-        import huggingface_hub
+        from huggingface_hub import constants
     except ImportError:
         return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    return huggingface_hub.constants.is_offline_mode()
+    return constants.is_offline_mode()
 
 
 def download_hub(weights: PretrainedWeights) -> Path:
