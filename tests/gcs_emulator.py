@@ -21,6 +21,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -106,6 +107,16 @@ class Fault:
         return self.hits < self.times and self.method in ("*", method) and re.search(self.url_pattern, url) is not None
 
 
+class _QuietServer(http.server.ThreadingHTTPServer):
+    """A client that drops a kept-alive connection (every client, at exit) is not an error."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        if not isinstance(sys.exc_info()[1], (ConnectionResetError, BrokenPipeError)):
+            super().handle_error(request, client_address)
+
+
 class FaultProxy:
     """An HTTP proxy on 127.0.0.1 in front of the emulator; faults are armed per test."""
 
@@ -180,7 +191,7 @@ class FaultProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = _handle
 
-        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = _QuietServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
