@@ -25,6 +25,7 @@ from mambaout_jax.data import (
     one_hot_targets,
     random_erasing,
 )
+from mambaout_jax.data.batch_transforms import _group_draws, flip_groups
 
 timm_mixup = require("timm.data.mixup", "timm's Mixup is the reference")
 from timm.data.random_erasing import RandomErasing  # noqa: E402
@@ -129,17 +130,53 @@ def test_mixup_cutmix_off_and_cutmix_only():
         assert _classify(np.asarray(images), o, l) == "cutmix"
 
 
-def test_mixup_groups_mix_only_within_their_group_with_their_own_lambda():
+def test_mixup_groups_are_strided_mix_only_within_themselves_with_their_own_lambda():
     images = _images(batch=8)
     labels = jnp.arange(8)
     out, targets, lam = mixup_cutmix(jax.random.key(3), images, labels, NUM_CLASSES,
-                                     num_groups=2, return_lam=True)
+                                     group_size=4, return_lam=True)
     assert lam.shape == (2,) and lam[0] != lam[1]
-    # Group 0's output doesn't depend on group 1's images, and its targets only on its labels.
-    other = images.at[4:].set(0.0)
-    out_other, _ = mixup_cutmix(jax.random.key(3), other, labels, NUM_CLASSES, num_groups=2)
-    np.testing.assert_array_equal(out[:4], out_other[:4])
-    assert np.all(np.asarray(targets)[:4, 4:8] == np.asarray(targets)[0, 9])  # only smoothing mass
+    # Group 0 is rows 0, 2, 4, 6 (strided): its output doesn't depend on group 1's images, and its
+    # targets only on its own labels, each row paired with its mirror in the group (0-6, 2-4).
+    other = images.at[1::2].set(0.0)
+    out_other, _ = mixup_cutmix(jax.random.key(3), other, labels, NUM_CLASSES, group_size=4)
+    np.testing.assert_array_equal(out[0::2], out_other[0::2])
+    t = np.asarray(targets)
+    assert np.all(t[0::2][:, 1::2] == t[0, 9])  # only smoothing mass on group 1's labels
+    assert t[0, 6] > t[0, 9] and t[2, 4] > t[2, 9]
+    np.testing.assert_array_equal(flip_groups(jnp.arange(8), 4), [6, 7, 4, 5, 2, 3, 0, 1])
+    with pytest.raises(ValueError, match="groups of 3"):
+        mixup_cutmix(jax.random.key(3), images, labels, NUM_CLASSES, group_size=3)
+
+
+def test_mixing_a_batch_equals_mixing_each_accumulation_split_of_it():
+    """Micro-batch j of k (rows j, j + k, ...) holds whole strided groups: mixing it alone with the
+    groups' own keys gives its rows of the whole batch's mix, for every k dividing the groups."""
+    images = _images(batch=16)
+    labels = jnp.arange(16) % NUM_CLASSES
+    whole, t_whole = mixup_cutmix(jax.random.key(5), images, labels, NUM_CLASSES, group_size=4)
+    for k in (2, 4):
+        for j in range(k):
+            draws = jax.vmap(lambda g: jax.random.fold_in(jax.random.key(5), g))(jnp.arange(j, 4, k))
+            part = mixup_cutmix_with_group_keys(draws, images[j::k], labels[j::k])
+            np.testing.assert_array_equal(part[0], whole[j::k])
+            np.testing.assert_array_equal(part[1], t_whole[j::k])
+
+
+def mixup_cutmix_with_group_keys(group_keys, images, labels):
+    """The reference: timm's per-group mix written out, each strided group on its own."""
+    n = group_keys.shape[0]
+    out, targets = images, one_hot_targets(labels, NUM_CLASSES, 0.1)
+    out_t = targets
+    for g in range(n):
+        lam, box, cutmix, apply = _group_draws(
+            group_keys[g], H, W, mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, correct_lam=True
+        )
+        x, t = images[g::n], targets[g::n]
+        mixed = jnp.where(cutmix, jnp.where(box[..., None], x[::-1], x), x * lam + x[::-1] * (1 - lam))
+        out = out.at[g::n].set(jnp.where(apply | cutmix, mixed, x))
+        out_t = out_t.at[g::n].set(t * lam + t[::-1] * (1 - lam))
+    return out, out_t
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +229,7 @@ def test_random_erasing_matches_timms_probability_and_box_distribution(erased):
 def test_augment_train_batch_compiles_once_and_returns_the_requested_dtype():
     # The recipe's settings are Python constants bound before jit, as a train step does.
     config = dict(num_classes=NUM_CLASSES, mean=IMAGENET_MEAN, std=IMAGENET_STD, dtype=jnp.bfloat16)
-    fn = jax.jit(functools.partial(augment_train_batch, **config))
+    fn = jax.jit(functools.partial(augment_train_batch, augmentation=BatchAugmentation(mix_group_size=4), **config))
     images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, H, W, 3), np.uint8))
     a, ta = fn(jax.random.key(0), images, LABELS)
     b, tb = fn(jax.random.key(1), images, LABELS)

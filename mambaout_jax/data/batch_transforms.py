@@ -30,6 +30,8 @@ class BatchAugmentation:
     Mixup (``mixup_alpha``) / CutMix (``cutmix_alpha``) with probability ``mix_prob``, CutMix chosen
     with ``switch_prob`` when both are on; label smoothing of the targets; random erasing with
     ``erase_prob`` (``erase_mode``: 'pixel' noise, 'rand' colour, 'const' zeros). 0 turns a part off.
+    ``mix_group_size``: how many rows Mixup/CutMix pair among (``flip_groups``); the authors'
+    DistributedDataParallel run mixed each GPU's 128 on its own, whatever the GPU count.
     """
 
     mixup_alpha: float = 0.8
@@ -39,8 +41,11 @@ class BatchAugmentation:
     label_smoothing: float = 0.1
     erase_prob: float = 0.25
     erase_mode: str = "pixel"
+    mix_group_size: int = 128  # rows mixed together: the authors' per-GPU batch (8 GPUs x 128)
 
     def __post_init__(self):
+        if not isinstance(self.mix_group_size, int) or self.mix_group_size <= 0:
+            raise ValueError(f"mix_group_size must be a positive int, got {self.mix_group_size!r}")
         for name in ("mixup_alpha", "cutmix_alpha"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -144,9 +149,8 @@ def random_erasing(
     return jax.vmap(erase)(keys, images)
 
 
-def _mix_group(key, images, targets, *, mixup_alpha, cutmix_alpha, prob, switch_prob, correct_lam):
-    """timm's `Mixup._mix_batch` on one group: one lambda, mixed with the group reversed."""
-    _, height, width, _ = images.shape
+def _group_draws(key, height, width, *, mixup_alpha, cutmix_alpha, prob, switch_prob, correct_lam):
+    """timm's `Mixup._params_per_batch` + `rand_bbox` for one group: (lam, box [H, W], cutmix, apply)."""
     k_prob, k_switch, k_mixup, k_cutmix, k_y, k_x = jax.random.split(key, 6)
     apply = jax.random.uniform(k_prob) < prob
     if mixup_alpha > 0 and cutmix_alpha > 0:
@@ -173,13 +177,29 @@ def _mix_group(key, images, targets, *, mixup_alpha, cutmix_alpha, prob, switch_
     cutmix = use_cutmix & apply
     if correct_lam:
         lam = jnp.where(cutmix, lam_box, lam)
+    return lam, box, cutmix, apply
 
-    flipped = images[::-1]
-    mixed = images * lam + flipped * (1.0 - lam)
-    cut = jnp.where(box[None, :, :, None], flipped, images)
-    images = jnp.where(cutmix, cut, jnp.where(apply, mixed, images))
-    targets = targets * lam + targets[::-1] * (1.0 - lam)
-    return images, targets, lam
+
+def mix_groups(batch: int, group_size: int | None) -> int:
+    """The number of Mixup/CutMix groups of ``group_size`` in ``batch`` rows (None: one group)."""
+    group_size = group_size or batch
+    if group_size <= 0 or batch % group_size:
+        raise ValueError(f"a batch of {batch} does not split into Mixup/CutMix groups of {group_size}")
+    return batch // group_size
+
+
+def flip_groups(x: jax.Array, group_size: int | None = None) -> jax.Array:
+    """Each row's Mixup/CutMix partner: the batch with every group reversed within itself.
+
+    Groups are strided: with n = batch / group_size groups, group g is rows g, g + n, g + 2n, ...
+    (member m is row g + m n) and member m is paired with member group_size - 1 - m, as timm's
+    ``x.flip(0)`` pairs a GPU's batch. A reshape and a reverse, so under sharding XLA moves whole
+    device blocks (a collective-permute) rather than gathering the batch. Strided groups make the
+    pairing the same for every accumulation split: micro-batch j of ``grad_accum_steps`` k (rows
+    j, j + k, ...) holds whole groups (g = j mod k) whenever k divides n.
+    """
+    n = mix_groups(x.shape[0], group_size)
+    return x.reshape((x.shape[0] // n, n) + x.shape[1:])[::-1].reshape(x.shape)
 
 
 def mixup_cutmix(
@@ -194,37 +214,41 @@ def mixup_cutmix(
     switch_prob: float = 0.5,
     label_smoothing: float = 0.1,
     correct_lam: bool = True,
-    num_groups: int = 1,
+    group_size: int | None = None,
+    partners: jax.Array | None = None,
     return_lam: bool = False,
 ):
     """timm's Mixup/CutMix in batch mode: returns (images, soft targets [B, num_classes]).
 
-    With probability `prob` the batch is mixed with itself reversed, by CutMix (probability
+    With probability `prob` a group is mixed with itself reversed, by CutMix (probability
     `switch_prob`, lam ~ Beta(cutmix_alpha), box area 1 - lam, lam then corrected to the clipped
     box) or by Mixup (lam ~ Beta(mixup_alpha)). Targets are label-smoothed one-hots mixed with the
     same lam, so each row sums to 1.
 
-    `num_groups` splits the batch into that many equal contiguous groups, each with its own lam and
-    reversed within itself. timm ran this per GPU, on that GPU's batch; passing the number of
-    data-parallel shards reproduces that, and keeps the reversal local to each device (a reversal
-    of the global batch would move every image to another device). Set `return_lam` to also get
-    the per-group lambdas, shape [num_groups].
+    `group_size` (None: the whole batch) cuts the batch into strided groups (``flip_groups``), each
+    with its own draws from ``fold_in(key, g)``: timm mixed each GPU's batch (128 in the authors'
+    run) on its own. `partners` is ``flip_groups(images, group_size)`` when the caller has it
+    already (``augment_train_batch`` moves the uint8 images, 4x fewer bytes than float32). Set
+    `return_lam` to also get the per-group lambdas, shape [groups].
     """
     if mixup_alpha <= 0 and cutmix_alpha <= 0:
         raise ValueError("mixup_cutmix needs mixup_alpha > 0 or cutmix_alpha > 0")
-    batch = images.shape[0]
-    if batch % num_groups:
-        raise ValueError(f"batch size {batch} is not divisible by num_groups={num_groups}")
-    targets = one_hot_targets(labels, num_classes, label_smoothing)
-    grouped = lambda x: x.reshape(num_groups, batch // num_groups, *x.shape[1:])  # noqa: E731
-    mix = lambda k, x, t: _mix_group(  # noqa: E731
-        k, x, t, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
+    batch, height, width = images.shape[:3]
+    n = mix_groups(batch, group_size)
+    draw = lambda g: _group_draws(  # noqa: E731
+        jax.random.fold_in(key, g), height, width, mixup_alpha=mixup_alpha, cutmix_alpha=cutmix_alpha, prob=prob,
         switch_prob=switch_prob, correct_lam=correct_lam,
-    )
-    keys = jax.random.split(key, num_groups)
-    images, targets, lam = jax.vmap(mix)(keys, grouped(images), grouped(targets))
-    images = images.reshape(batch, *images.shape[2:])
-    targets = targets.reshape(batch, num_classes)
+    )  # fmt: skip
+    lam, box, cutmix, apply = jax.vmap(draw)(jnp.arange(n))
+    rows = lambda a: jnp.tile(a, (batch // n,) + (1,) * (a.ndim - 1))  # noqa: E731  row r: group r % n
+    lam_r, box_r, cutmix_r, apply_r = rows(lam), rows(box), rows(cutmix), rows(apply)
+    targets = one_hot_targets(labels, num_classes, label_smoothing)
+    flipped = flip_groups(images, group_size) if partners is None else partners.astype(images.dtype)
+    lam_x = lam_r[:, None, None, None]
+    mixed = images * lam_x + flipped * (1.0 - lam_x)
+    cut = jnp.where(box_r[..., None], flipped, images)
+    images = jnp.where(cutmix_r[:, None, None, None], cut, jnp.where(apply_r[:, None, None, None], mixed, images))
+    targets = targets * lam_r[:, None] + flip_groups(targets, group_size) * (1.0 - lam_r[:, None])
     return (images, targets, lam) if return_lam else (images, targets)
 
 
@@ -238,21 +262,24 @@ def augment_train_batch(
     mean: Sequence[float],
     std: Sequence[float],
     dtype=jnp.float32,
-    num_groups: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """The recipe's device-side augmentation: uint8 batch -> (normalised images, soft targets).
 
     normalise -> mixup/cutmix (skipped if both alphas or mix_prob are 0) -> random erasing
     (skipped if erase_prob is 0); work is done in float32 and the images cast to `dtype` at the end.
-    `num_groups`: Mixup/CutMix groups, as `mixup_cutmix`'s.
+    Mixup/CutMix pair rows within strided groups of ``augmentation.mix_group_size``
+    (``flip_groups``); erasing draws one key per row. So for a given batch and key, every row's
+    result is the same however the batch is later split over devices or accumulation steps.
     """
     a = augmentation
     k_mix, k_erase = jax.random.split(key)
     x = normalize(images, mean, std, dtype=jnp.float32)
     if a.mixes:
+        partners = normalize(flip_groups(images, a.mix_group_size), mean, std, dtype=jnp.float32)
         x, targets = mixup_cutmix(
             k_mix, x, labels, num_classes, mixup_alpha=a.mixup_alpha, cutmix_alpha=a.cutmix_alpha,
-            prob=a.mix_prob, switch_prob=a.switch_prob, label_smoothing=a.label_smoothing, num_groups=num_groups,
+            prob=a.mix_prob, switch_prob=a.switch_prob, label_smoothing=a.label_smoothing,
+            group_size=a.mix_group_size, partners=partners,
         )  # fmt: skip
     else:
         targets = one_hot_targets(labels, num_classes, a.label_smoothing)

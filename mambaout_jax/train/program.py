@@ -127,6 +127,8 @@ def build_program(
     if config.num_classes <= 0:
         raise ConfigError(f"num_classes must be positive for training, got {config.num_classes}")
     micro = mesh_lib.check_global_batch(config.batch_size, mesh, config.grad_accum_steps)
+    augmentation = recipe.batch_augmentation(config)
+    recipe.check_mix_groups(augmentation, micro)
     dtype = recipe.compute_dtype(config)
     preprocessing = recipe.eval_preprocessing(config)
     dw_conv_impl = dw_conv_impl or config.dw_conv_impl
@@ -170,15 +172,15 @@ def build_program(
         ModelFn(model, train=True),
         tx,
         schedule,
-        augmentation=recipe.batch_augmentation(config),
+        augmentation=augmentation,
         num_classes=config.num_classes,
         mean=preprocessing.mean,
         std=preprocessing.std,
-        # Mixup/CutMix pair examples within each device's share, like the per-GPU mixing of the
-        # authors' DistributedDataParallel run.
-        mix_groups=mesh.devices.size,
+        mesh=mesh,
+        param_specs={name: s.spec for name, s in p_shard.items()},
         seed=config.seed,
         grad_accum_steps=config.grad_accum_steps,
+        micro_batch=recipe.micro_batch(config, mesh.devices.flat[0].platform),
         compute_dtype=dtype,
         ema_decay=config.ema_decay or None,
     )

@@ -19,6 +19,7 @@ from mambaout_jax.data.batch_transforms import BatchAugmentation
 from mambaout_jax.data.pipeline import LoaderOptions
 from mambaout_jax.data.preprocessing import EvalPreprocessing, resolve_eval_preprocessing
 from mambaout_jax.data.transforms import TrainTransform
+from mambaout_jax.models.inference import resolve_micro_batch
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -71,6 +72,9 @@ def recipe_config() -> ConfigDict:
     c.aug.switch_prob = 0.5
     c.aug.label_smoothing = 0.1
     c.aug.erase_prob = 0.25
+    # Mixup/CutMix pair rows within groups of this many (strided over the global micro-batch), the
+    # authors' per-GPU batch: the same mixing on any slice. The micro-batch must divide by it.
+    c.aug.mix_group_size = 128
 
     # ---- optimisation ----
     c.batch_size = 4096  # global, over all devices and accumulation steps
@@ -88,6 +92,9 @@ def recipe_config() -> ConfigDict:
     c.grad_clip_norm = 0.0  # 0: none (the recipe)
     c.ema_decay = 0.0  # 0: no EMA of weights (the recipe); e.g. 0.9998 to keep one
     c.sharding = "data_parallel"  # or 'fsdp' (shard parameters and optimizer state over 'data')
+    # Rows per device per gradient piece: 'auto' (8 on CPU, where it keeps activations in cache;
+    # the whole micro-batch elsewhere), 'none', or a number. Changes only float32 summation order.
+    c.micro_batch = "auto"
 
     # ---- bookkeeping ----
     c.log_every_steps = 50
@@ -154,6 +161,27 @@ def compute_dtype(config) -> Any:
     if config.compute_dtype not in DTYPES:
         raise ConfigError(f"compute_dtype must be one of {sorted(DTYPES)}, got {config.compute_dtype!r}")
     return DTYPES[config.compute_dtype]
+
+
+def micro_batch(config, platform: str) -> int | None:
+    """Rows per device per gradient piece (``steps.make_train_step``) on ``platform``."""
+    value = str(config.micro_batch).strip().lower()
+    if value in ("auto", "none"):
+        return resolve_micro_batch(value if value == "auto" else None, platform)
+    if not value.isdigit() or int(value) <= 0:
+        raise ConfigError(f"micro_batch must be 'auto', 'none' or a positive number, got {config.micro_batch!r}")
+    return int(value)
+
+
+def check_mix_groups(augmentation: BatchAugmentation, micro_batch_size: int) -> None:
+    """Mixup/CutMix groups must tile the global micro-batch (``batch_transforms.flip_groups``)."""
+    g = augmentation.mix_group_size
+    if augmentation.mixes and micro_batch_size % g:
+        raise ConfigError(
+            f"the global micro-batch ({micro_batch_size} = batch_size / grad_accum_steps) does not split into "
+            f"Mixup/CutMix groups of config.aug.mix_group_size={g}; choose a batch size that is a multiple of "
+            f"{g} x grad_accum_steps, or another group size"
+        )
 
 
 def eval_batch_size(config) -> int:

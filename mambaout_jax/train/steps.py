@@ -7,6 +7,7 @@ a graphdef here: ``nnx.merge`` happens at trace time, never per step in Python.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Mapping
 
 import flax
@@ -14,10 +15,12 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, PartitionSpec as P
 
 from mambaout_jax.data.batch_transforms import BatchAugmentation, augment_train_batch, normalize
 from mambaout_jax.models.mambaout import MambaOut
 from mambaout_jax.models.params import path_str
+from mambaout_jax.train.mesh import DATA_AXIS
 
 Params = dict[str, jax.Array]
 
@@ -53,66 +56,139 @@ def _microbatches(x: jax.Array, k: int) -> jax.Array:
     return x.reshape((x.shape[0] // k, k) + x.shape[1:])
 
 
+def chunks_per_device(rows_per_device: int, micro_batch: int | None) -> int:
+    """How many chunks to cut each device's rows into so that none holds more than ``micro_batch``
+    (the fewest that divide the rows evenly); 1 for ``micro_batch=None``."""
+    if micro_batch is None or rows_per_device <= micro_batch:
+        return 1
+    return next(c for c in range(-(-rows_per_device // micro_batch), rows_per_device + 1) if rows_per_device % c == 0)
+
+
+def _sharded_dim(spec: P) -> int | None:
+    """The dimension a parameter's PartitionSpec splits over ``data`` (None: replicated)."""
+    dims = [d for d, axis in enumerate(spec) if axis is not None]
+    if len(dims) > 1:
+        raise ValueError(f"a parameter is split over one dimension at most, got {spec}")
+    return dims[0] if dims else None
+
+
+def rng_streams(seed: int) -> tuple[jax.Array, jax.Array]:
+    """``(init_key, train_key)``: the seed split once into the parameter init's stream and the train
+    steps' stream (augmentation, drop path), so the two never draw the same keys."""
+    init_key, train_key = jax.random.split(jax.random.key(seed))
+    return init_key, train_key
+
+
 def make_train_step(
     model_fn: ModelFn,
     tx: optax.GradientTransformation,
     schedule: optax.Schedule,
     *,
+    mesh: Mesh,
+    param_specs: Mapping[str, P],
     augmentation: BatchAugmentation,
     num_classes: int,
     mean,
     std,
-    mix_groups: int = 1,
     seed: int,
     grad_accum_steps: int = 1,
+    micro_batch: int | None = None,
     compute_dtype=jnp.float32,
     ema_decay: float | None = None,
 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict]]:
     """``step(state, batch) -> (state, metrics)`` for a batch of uint8 images and int labels.
 
-    Randomness (augmentation, drop path) is ``fold_in(key(seed), step)``: a resumed run draws
-    exactly what an uninterrupted run would. A non-finite loss or gradient leaves the state as it
-    was and is reported in ``metrics['finite']`` for the host to stop on.
-    """
-    base_key = jax.random.key(seed)
-    k = grad_accum_steps
+    1. The whole batch is augmented at once, as XLA lays it out (``augment_train_batch``: groups
+       of ``augmentation.mix_group_size`` strided rows, which XLA moves between devices when a
+       group spans several). Every row's draws depend only on the seed, the step and its row.
+    2. Under ``shard_map``, each device computes the float32 gradient of its own rows, in
+       ``grad_accum_steps`` x ``chunks`` strided pieces (``micro_batch`` rows each at most; on CPU
+       that keeps every layer's activations in cache, ``build_program`` sets 8 there), summed
+       locally in a ``lax.scan``. FSDP-sharded parameters are all-gathered (float32) first.
+    3. One float32 reduction per optimizer step: ``psum`` of replicated parameters' gradients
+       (all-reduce), ``psum_scatter`` of sharded ones (reduce-scatter). Under bf16/fp16 compute the
+       gradient of each parameter's cast back to float32 happens on the device, before any
+       collective, as PyTorch AMP + DDP reduces its float32 ``.grad`` buckets; XLA's own
+       partitioning would all-reduce the bf16 dot outputs instead (jax-ml/jax#27496).
 
-    def loss_fn(params, images, targets, key):
-        logits = model_fn(params, images, key)
-        return jnp.mean(optax.softmax_cross_entropy(logits, targets))  # logits and targets float32
+    The loss is the mean over the whole batch (each piece sums its rows and divides by the batch
+    size), so accumulation and chunking change only the order of float32 additions.
+
+    Randomness: ``rng_streams(seed)``'s train key, folded with the step, split into augmentation
+    and model keys; drop path draws from one key per example, folded from its row in the global
+    batch, so neither accumulation nor chunking nor the device count changes which paths are
+    dropped. A resumed run draws exactly what an uninterrupted run would. A non-finite loss or
+    gradient leaves the state as it was and is reported in ``metrics['finite']`` for the host.
+    """
+    _, train_key = rng_streams(seed)
+    k = grad_accum_steps
+    devices = mesh.shape[DATA_AXIS]
+    dims = {name: _sharded_dim(spec) for name, spec in param_specs.items()}
+
+    def loss_fn(params, images, targets, keys, batch_size):
+        logits = model_fn(params, images, keys)
+        with jax.named_scope("loss"):  # logits and targets float32; the mean over the whole batch
+            return jnp.sum(optax.softmax_cross_entropy(logits, targets)) / batch_size
 
     grad_fn = jax.value_and_grad(loss_fn)
 
-    def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
-        step_key = jax.random.fold_in(base_key, state.step)
-        images = _microbatches(batch["image"], k)
-        labels = _microbatches(batch["label"], k)
-
-        def accumulate(carry, j):
-            grads_sum, loss_sum = carry
-            k_aug, k_model = jax.random.split(jax.random.fold_in(step_key, j))
-            x, targets = augment_train_batch(
-                k_aug, images[:, j], labels[:, j], augmentation,
-                num_classes=num_classes, mean=mean, std=std, dtype=compute_dtype, num_groups=mix_groups,
-            )  # fmt: skip
-            loss, grads = grad_fn(state.params, x, targets, k_model)
-            return (jax.tree.map(jnp.add, grads_sum, grads), loss_sum + loss), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        if k == 1:
-            (grads, loss), _ = accumulate((zeros, jnp.zeros((), jnp.float32)), 0)
+    def local_grads(params, x, targets, keys, batch_size):
+        """This device's rows: loss sum / batch_size and its float32 gradient, then reduced once."""
+        with jax.named_scope("gather_params"):
+            params = {
+                name: p if dims[name] is None else jax.lax.all_gather(p, DATA_AXIS, axis=dims[name], tiled=True)
+                for name, p in params.items()
+            }
+        pieces = k * chunks_per_device(x.shape[0] // k, micro_batch)
+        if pieces == 1:
+            loss, grads = grad_fn(params, x, targets, keys, batch_size)
         else:
-            (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), jnp.arange(k))
-            grads = jax.tree.map(lambda g: g / k, grads)
-            loss = loss / k
+            split = [_microbatches(a, pieces) for a in (x, targets, keys)]
+
+            def one(carry, c):
+                loss, grads = grad_fn(params, *(a[:, c] for a in split), batch_size)
+                return (carry[0] + loss, jax.tree.map(jnp.add, carry[1], grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+            loss, grads = jax.lax.scan(one, zeros, jnp.arange(pieces))[0]
+        with jax.named_scope("reduce_grads"):
+            grads = {
+                name: jax.lax.psum(g.astype(jnp.float32), DATA_AXIS) if dims[name] is None
+                else jax.lax.psum_scatter(g.astype(jnp.float32), DATA_AXIS, scatter_dimension=dims[name], tiled=True)
+                for name, g in grads.items()
+            }  # fmt: skip
+            return jax.lax.psum(loss, DATA_AXIS), grads
+
+    def sharded_grads(params, x, targets, keys):
+        rows = P(DATA_AXIS)
+        return jax.shard_map(
+            functools.partial(local_grads, batch_size=x.shape[0]), mesh=mesh,
+            in_specs=(dict(param_specs), rows, rows, rows), out_specs=(P(), dict(param_specs)), check_vma=False,
+        )(params, x, targets, keys)  # fmt: skip
+
+    def step(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
+        aug_key, model_key = jax.random.split(jax.random.fold_in(train_key, state.step))
+        n = batch["image"].shape[0]
+        if n % (devices * k):
+            raise ValueError(f"a batch of {n} does not split over {devices} devices x {k} accumulation steps")
+        with jax.named_scope("augment"):
+            x, targets = augment_train_batch(
+                aug_key, batch["image"], batch["label"], augmentation,
+                num_classes=num_classes, mean=mean, std=std, dtype=compute_dtype,
+            )  # fmt: skip
+            sample_keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(model_key, jnp.arange(n))
+        loss, grads = sharded_grads(state.params, x, targets, sample_keys)
+        with jax.named_scope("optimizer"):
+            return update(state, grads, loss)
+
+    def update(state: TrainState, grads, loss) -> tuple[TrainState, dict]:
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema = state.ema_params
         if ema_decay is not None:
-            ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+            ema = ema_update(ema, params, ema_decay)
         new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema_params=ema)
         # Keep the last good state on a non-finite step; the host stops the run when it sees it.
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
@@ -126,6 +202,13 @@ def make_train_step(
         return new, metrics
 
     return step
+
+
+def ema_update(ema: Params, params: Params, decay: float) -> Params:
+    """timm 0.6.11 ``ModelEmaV2.update``: ``ema = decay * ema + (1 - decay) * params``, once per
+    optimizer step, on the weights after the step (the authors' train.py calls it after
+    ``optimizer.step()``). Float32, as the model's float32 master weights."""
+    return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
 
 
 def make_eval_step(
