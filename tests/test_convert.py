@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 
@@ -375,3 +376,26 @@ def test_cli_ema_flag_converts_the_chosen_set(tmp_path, reference, saver_checkpo
         assert compare_logits(expected, flax_forward(model, x))["rel_err"] <= 2e-5
     r = _cli(_write(tmp_path / "raw.pth", _torch_sd(tm, "timm"), "pth", False), tmp_path / "x.safetensors", "--ema")
     assert r.returncode == 2 and "no EMA weights" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_py_evaluates_either_weight_set_of_a_training_checkpoint(tmp_path, saver_checkpoints):
+    """The timm-0.6.11-layout model_best.pth.tar with EMA through eval.py: --ema evaluates exactly the EMA
+    weights (the same numbers as their converted file), the default the raw ones."""
+    _, legacy, _ = saver_checkpoints
+    assert _cli(legacy, tmp_path / "ema.safetensors", "--ema").returncode == 0
+
+    def evaluate(*args):
+        r = subprocess.run(
+            [sys.executable, str(ROOT / "eval.py"), "--source", "digits", "--batch-size", "64", *map(str, args)],
+            capture_output=True, text=True, cwd=ROOT, timeout=600,
+        )  # fmt: skip
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout.strip().splitlines()[-1]), r.stderr
+
+    ema, ema_err = evaluate("--weights", legacy, "--ema")
+    raw, raw_err = evaluate("--weights", legacy)
+    converted, _ = evaluate("--weights", tmp_path / "ema.safetensors")
+    assert (ema["weight_set"], raw["weight_set"]) == ("state_dict_ema", "state_dict")
+    assert "weight set: state_dict_ema" in ema_err and "weight set: state_dict" in raw_err
+    assert ema["loss"] == converted["loss"] and ema["top1"] == converted["top1"]
+    assert ema["loss"] != raw["loss"]
