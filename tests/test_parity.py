@@ -96,6 +96,16 @@ def test_femto_random_weights(tmp_path, photos):
     assert report["param_grad"]["tensors"] == len(random_timm_model("mambaout_femto").state_dict())
 
 
+def test_bfloat16_has_its_own_tolerances(tmp_path, photos):
+    r = _parity("--random-weights", "test_mambaout", "--dtype", "bfloat16", "--images", photos, "--max-images", "2",
+                "--json", tmp_path / "b.json")  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((tmp_path / "b.json").read_text())
+    assert report["dtype"] == "bfloat16" and report["pixels"]["differing"] == 0
+    # bf16 really ran: its error is far above float32's bound, and within bf16's.
+    assert TOLERANCES["float32"]["logits_rel"] * 10 < report["logits"]["rel"] <= TOLERANCES["bfloat16"]["logits_rel"]
+
+
 def test_bad_input_and_missing_torch_exit_2(tmp_path, checkpoint):
     (tmp_path / "empty").mkdir()
     r = _parity("--weights", checkpoint / "ref.pth", "--images", tmp_path / "empty")
