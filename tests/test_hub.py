@@ -291,6 +291,19 @@ def test_hub_download_matches_timm_then_loads_offline_from_the_cache(tmp_path, h
         r, again = _load(tmp_path, offline, name, pretrained)
         assert r.returncode == 0, r.stderr
         assert np.array_equal(again, logits), (name, pretrained)
+    # The command lines, offline from the same cache: predict.py and eval.py take the tag (and its settings).
+    import skimage.data
+
+    photo = os.path.join(os.path.dirname(skimage.data.__file__), "chelsea.png")
+    r = subprocess.run([sys.executable, str(ROOT / "predict.py"), "--pretrained", TAG, photo, "--json", "--top", "5"],
+                       env=offline, capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert f"weights: {TAG} (" in r.stderr and len(json.loads(r.stdout)[0]["top"]) == 5
+    r = subprocess.run([sys.executable, str(ROOT / "eval.py"), "--pretrained", TAG, "--source", "digits", "--batch-size", "64"],
+                       env=offline, capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    assert result["model"] == TAG and result["image_size"] == 32 and result["count"] > 0
     assert len(hub.requests) == seen  # offline: nothing asked of the server
 
 

@@ -110,6 +110,11 @@ def load_pretrained(
     else:
         raise ValueError(f"unknown pretrained source {source!r}; use 'hub' or 'release'")
     loaded = load_weights(path, model=weights.model, num_classes=num_classes, ema=ema)
+    if num_classes is None and loaded.num_classes != weights.num_classes:
+        raise CheckpointError(
+            f"{path}: {weights.tag} should have a {weights.num_classes}-class head (timm's pretrained_cfg), "
+            f"but the file has {loaded.num_classes} classes; the download is not {weights.tag}'s weights"
+        )
     return dataclasses.replace(loaded, tag=weights.tag)
 
 
