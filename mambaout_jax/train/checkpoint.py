@@ -50,6 +50,7 @@ class RunCheckpoints:
 
     def __init__(self, workdir: str | os.PathLike, meta: dict, *, keep: int, every_steps: int):
         self.meta = meta
+        self.workdir = workdir
         self._mngr = _manager(workdir, keep=keep, every_steps=every_steps)
         self._saved = self._mngr.latest_step()
 
@@ -90,8 +91,10 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state, data_iterato
     return restored[STATE]
 
 
-def restore_from_other_run(workdir: str | os.PathLike, abstract_state, data_iterator) -> tuple[int, Any]:
-    """``(step, state)`` of another run's latest checkpoint, opened read-only: nothing is written there."""
+def restore_from_other_run(workdir: str | os.PathLike, abstract_state, data_iterator, *, check=None) -> tuple[int, Any]:
+    """``(step, state)`` of another run's latest checkpoint, opened read-only: nothing is written there.
+
+    ``check(step_dir)`` runs before anything is restored (the trainer compares configs there)."""
     if not checkpoint_dir(workdir).is_dir():
         raise ConfigError(f"--resume {workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
     other = _manager(workdir, async_save=False, read_only=True)
@@ -99,6 +102,8 @@ def restore_from_other_run(workdir: str | os.PathLike, abstract_state, data_iter
         step = other.latest_step()
         if step is None:
             raise ConfigError(f"--resume {workdir}: no checkpoint found in {checkpoint_dir(workdir)}")
+        if check is not None:
+            check(checkpoint_dir(workdir) / str(step))
         return step, restore(other, step, abstract_state, data_iterator)
     finally:
         other.close()

@@ -10,6 +10,7 @@ fields become a library object, so a field is spelled out once.
 from __future__ import annotations
 
 import dataclasses
+import json
 from typing import Any
 
 import jax.numpy as jnp
@@ -103,6 +104,9 @@ def recipe_config() -> ConfigDict:
     c.keep_checkpoints = 3
     c.max_steps = 0  # > 0: stop after this many optimizer steps (smoke tests, benchmarks)
     c.eval_batch_size = 0  # 0: same as batch_size / grad_accum_steps
+    # Resuming compares the checkpoint's config with this one (``check_resume_config``): fields
+    # named here (comma-separated, e.g. 'data.dir,aug.erase_prob'; 'data' for all of data.*) may differ.
+    c.resume_allow_changes = ""
     return c
 
 
@@ -181,6 +185,47 @@ def check_mix_groups(augmentation: BatchAugmentation, micro_batch_size: int) -> 
             f"the global micro-batch ({micro_batch_size} = batch_size / grad_accum_steps) does not split into "
             f"Mixup/CutMix groups of config.aug.mix_group_size={g}; choose a batch size that is a multiple of "
             f"{g} x grad_accum_steps, or another group size"
+        )
+
+
+# What a resumed run may not change silently: the fields that decide the data stream (which
+# examples, in which order, augmented how, on how many hosts) or the maths of the step.
+RESUME_GUARDED = (
+    "model", "num_classes", "drop_path_rate", "compute_dtype", "batch_size", "grad_accum_steps", "seed", "sharding",
+    "data", "aug",
+)  # fmt: skip
+
+
+def _flat(node, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out = {}
+        for k, v in node.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def check_resume_config(saved_json: str | None, config, *, saved_process_count: int | None, process_count: int) -> None:
+    """ConfigError listing every guarded field (``RESUME_GUARDED``, and the process count) in which
+    ``config`` differs from the checkpoint's config, unless ``config.resume_allow_changes`` names it."""
+    if not saved_json:
+        return  # a checkpoint from before configs were saved: nothing to compare
+    saved, current = _flat(json.loads(saved_json)), _flat(json.loads(config.to_json()))
+    guarded = lambda f: any(f == g or f.startswith(g + ".") for g in RESUME_GUARDED)  # noqa: E731
+    allowed = {a.strip() for a in str(config.resume_allow_changes).split(",") if a.strip()}
+    ok = lambda f: any(f == a or f.startswith(a + ".") for a in allowed)  # noqa: E731
+    changed = [
+        f"{f}: {saved.get(f, '(absent)')!r} -> {current.get(f, '(absent)')!r}"
+        for f in sorted(set(saved) | set(current))
+        if guarded(f) and saved.get(f) != current.get(f) and not ok(f)
+    ]
+    if saved_process_count is not None and saved_process_count != process_count and not ok("process_count"):
+        changed.append(f"process_count: {saved_process_count} -> {process_count}")
+    if changed:
+        raise ConfigError(
+            "the checkpoint was written with a different data stream or maths; changed: " + "; ".join(changed)
+            + ". If intended, name them in --config.resume_allow_changes="
+            + ",".join(c.split(":")[0] for c in changed)
         )
 
 

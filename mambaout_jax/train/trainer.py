@@ -15,11 +15,12 @@ import signal
 import time
 
 import jax
+from flax import nnx
 from jax.experimental import multihost_utils
 
 from mambaout_jax import data as data_lib
 from mambaout_jax import storage
-from mambaout_jax.convert.run_checkpoint import checkpoint_dir
+from mambaout_jax.convert.run_checkpoint import checkpoint_dir, read_meta
 from mambaout_jax.convert.weights import load_weights
 from mambaout_jax.data.digits import write_digits_folder
 from mambaout_jax.models.factory import build_model
@@ -32,6 +33,7 @@ from mambaout_jax.train.evaluation import EvaluationInterrupted, evaluate
 from mambaout_jax.train.metrics import MetricsWriter, format_eta
 from mambaout_jax.train.program import TrainProgram, build_program
 from mambaout_jax.train.recipe import ConfigError
+from mambaout_jax.train.steps import rng_streams
 
 
 class TrainingDiverged(RuntimeError):
@@ -86,8 +88,18 @@ def initial_params(config) -> tuple[dict, str]:
     if config.init_from:
         weights = load_weights(config.init_from, model=config.model, num_classes=config.num_classes)
         return weights.params, f"weights from {config.init_from}"
-    model = build_model(config.model, num_classes=config.num_classes, seed=config.seed, dw_conv_impl="grouped")
+    # The init stream of the seed; the train steps draw from the other one (steps.rng_streams).
+    init_key, _ = rng_streams(config.seed)
+    model = build_model(config.model, num_classes=config.num_classes, rngs=nnx.Rngs(init_key), dw_conv_impl="grouped")
     return get_params(model), f"scratch (seed {config.seed})"
+
+
+def check_saved_config(config, step_dir) -> None:
+    """The checkpoint's config against this run's (``recipe.check_resume_config``), before restoring."""
+    meta = read_meta(step_dir)
+    recipe.check_resume_config(
+        meta.get("config"), config, saved_process_count=meta.get("process_count"), process_count=jax.process_count()
+    )
 
 
 def restore_or_init(program: TrainProgram, checkpoints: ckpt_lib.RunCheckpoints, train_iter, resume, log):
@@ -95,11 +107,14 @@ def restore_or_init(program: TrainProgram, checkpoints: ckpt_lib.RunCheckpoints,
     abstract = program.abstract_state()
     latest = checkpoints.latest_step()
     if latest is not None:
+        check_saved_config(program.config, checkpoint_dir(checkpoints.workdir) / str(latest))
         state = checkpoints.restore(latest, abstract, train_iter)
         log(f"resumed from this run's checkpoint at step {latest}")
         return state
     if resume:
-        step, state = ckpt_lib.restore_from_other_run(resume, abstract, train_iter)
+        step, state = ckpt_lib.restore_from_other_run(
+            resume, abstract, train_iter, check=lambda step_dir: check_saved_config(program.config, step_dir)
+        )
         log(f"resumed from {resume} at step {step}")
         return state
     params, origin = initial_params(program.config)
@@ -292,6 +307,7 @@ def _run(config, workdir, resume, preemption: Preemption, t_start: float) -> dic
         "num_classes": config.num_classes,
         "classes": list(classes),
         "config": config.to_json(),
+        "process_count": jax.process_count(),
     }
     checkpoints = ckpt_lib.RunCheckpoints(workdir, meta, keep=config.keep_checkpoints, every_steps=config.checkpoint_every_steps)
     metrics = None
@@ -352,5 +368,6 @@ def _run(config, workdir, resume, preemption: Preemption, t_start: float) -> dic
         result["first_step_seconds"] = first_step_seconds
         return result
     finally:
+        train_iter.close()  # grain's worker processes end with the run, whatever ended it
         checkpoints.close()
         writer.close()
