@@ -30,6 +30,7 @@ GiB = 2**30
 
 SMALL_FEMTO = [
     "--config", "configs/mambaout_femto.py", "--config.data.image_size=32", "--config.data.eval_image_size=32",
+    "--config.aug.mix_group_size=4",  # the recipe's 128 needs micro-batches of 128 x k; these are 16-64
 ]
 PLANS = {
     # name: (topology, extra flags)
@@ -123,18 +124,22 @@ def test_eval_step_compiles_with_the_train_step(plans):
 @pytest.mark.parametrize("name", DATA_PARALLEL)
 def test_data_parallel_step_only_all_reduces_the_gradients_once(plans, name):
     """The rule: the non-scalar all-reduced elements equal the parameter count within TOLERANCE
-    (1%), their bytes lie between params x 2 (bf16, the compute dtype) and params x 4 (float32),
-    and no other collective moves more than a scalar. Scalar all-reduces (loss; the predicate of
-    mixup's Beta rejection sampler) are expected."""
+    (1%), in float32 (bytes = params x 4 within 1%, under bf16 compute: steps.make_train_step
+    reduces float32 gradients), and no other collective moves more than a scalar but Mixup/CutMix's
+    partner exchange (collective-permute / all-to-all of at most the chip's uint8 images and
+    float32 targets). Scalar all-reduces (loss; mixup's Beta rejection sampler) are expected."""
     plan = ok_plan(plans, name)
     collectives = plan["train"]["compiled"]["collectives"]
-    tensors = [c for c in collectives if any(a["shape"] for a in c["arrays"])]
-    assert {c["kind"] for c in tensors} == {"all-reduce"}
-    assert all(c["bytes"] <= 16 for c in collectives if c not in tensors)  # scalars only
+    tensors = [c for c in collectives if any(a["shape"] for a in c["arrays"]) and c["kind"] == "all-reduce"]
+    exchange = [c for c in collectives if c["kind"] in ("collective-permute", "all-to-all")]
+    others = [c for c in collectives if c not in tensors and c not in exchange]
+    assert all(c["bytes"] <= 16 for c in others), others  # scalars only
+    assert sum(c["bytes"] * c["executions"] for c in exchange) <= 64 * (32 * 32 * 3 + 4 * 1000)  # <= 64 rows per chip
+    assert {a["dtype"] for c in tensors for a in c["arrays"] if a["shape"]} == {"f32"}
     elements = sum(a_elements(a) * c["executions"] for c in tensors for a in c["arrays"] if a["shape"])
     nbytes = sum(c["bytes"] * c["executions"] for c in tensors)
     assert abs(elements - FEMTO_PARAMS) <= TOLERANCE * FEMTO_PARAMS, (elements, FEMTO_PARAMS)
-    assert 2 * FEMTO_PARAMS * (1 - TOLERANCE) <= nbytes <= 4 * FEMTO_PARAMS * (1 + TOLERANCE)
+    assert 4 * FEMTO_PARAMS * (1 - TOLERANCE) <= nbytes <= 4 * FEMTO_PARAMS * (1 + TOLERANCE)
     check = plan["collective_check"]
     assert check["ok"] and check["rule"] == "data parallel", check
 
@@ -149,10 +154,10 @@ def a_elements(array: dict) -> int:
 def test_gradient_accumulation_all_reduces_once_per_step_and_counts_every_micro_step(plans):
     plan = ok_plan(plans, "v5e_2x2_accum")
     collectives = plan["train"]["compiled"]["collectives"]
-    gradients = [c for c in collectives if c["elements"] > 1000]
+    gradients = [c for c in collectives if c["elements"] > 1000 and c["kind"] == "all-reduce"]
     assert len(gradients) == 1 and gradients[0]["executions"] == 1  # hoisted out of the accumulation loop
     loss = [c for c in collectives if c["elements"] == 1 and not c["in_unknown_loop"]]
-    assert loss and all(c["executions"] == 2 for c in loss)  # the loss, once per micro-step
+    assert loss and all(c["executions"] == 1 for c in loss)  # the loss, summed locally, reduced once
     # FLOPs of both micro-steps: about the same as one step over the same images
     assert 0.9 < plan["xla_train_flops_per_chip"] / plan["analytic_train_flops_per_chip"] < 1.5
     assert plan["train"]["per_chip_batch"] == 64 // 2 // 4

@@ -55,7 +55,12 @@ def check_collectives(
     param_shapes: Mapping[str, tuple[int, ...]],
     param_shardings: Mapping[str, NamedSharding],
     compute_itemsize: int,
+    mix_bytes: int = 0,
 ) -> CollectiveCheck:
+    """``compute_itemsize``: the bytes per reduced gradient element the step must use at least (4:
+    the train step reduces float32 whatever the compute dtype). ``mix_bytes``: what Mixup/CutMix's
+    partner exchange may move per chip (``batch_transforms.flip_groups``: the chip's uint8 images
+    and float32 targets); collective-permutes / all-to-alls up to that are the mixing, not a finding."""
     cs = list(collectives)
     sharded = sum(math.prod(s) for k, s in param_shapes.items() if not param_shardings[k].is_fully_replicated)
     total = sum(math.prod(s) for s in param_shapes.values())
@@ -82,6 +87,7 @@ def check_collectives(
         expected = (
             f"one all-reduce of every gradient: {total:,} elements, "
             f"{total * compute_itemsize:,}-{total * 4:,} B; nothing else beyond scalars"
+            + (f" and the Mixup/CutMix partner exchange (<= {mix_bytes:,} B)" if mix_bytes else "")
         )
         ok = True
         if abs(ar - total) > TOLERANCE * total:
@@ -91,8 +97,12 @@ def check_collectives(
         if not total * compute_itemsize * (1 - TOLERANCE) <= nbytes <= total * 4 * (1 + TOLERANCE):
             ok = False
             findings.append(f"gradient all-reduce is {nbytes:,} B, outside {total * compute_itemsize:,}-{total * 4:,}")
+        exchanged = sum(c.bytes * c.executions for c in cs if c.kind in ("collective-permute", "all-to-all"))
+        if mix_bytes:
+            findings.append(f"note: Mixup/CutMix partners move {exchanged:,} B per chip (at most {mix_bytes:,} expected)")
         for c in cs:
-            if c.kind != "all-reduce" and c.bytes > SMALL_BYTES:
+            mixing = c.kind in ("collective-permute", "all-to-all") and exchanged <= mix_bytes * (1 + TOLERANCE)
+            if c.kind != "all-reduce" and c.bytes > SMALL_BYTES and not mixing:
                 ok = False
                 findings.append(f"unexpected {c.kind} {c.name} of {c.bytes:,} B x{c.executions}")
         return CollectiveCheck("data parallel", ok, expected, found, tuple(findings))

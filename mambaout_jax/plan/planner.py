@@ -28,7 +28,7 @@ from mambaout_jax.plan.expectations import CollectiveCheck, check_collectives
 from mambaout_jax.plan.topology import Topology, load_topology
 from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.program import TrainProgram, build_program
-from mambaout_jax.train.recipe import compute_dtype, eval_batch_size, eval_preprocessing
+from mambaout_jax.train.recipe import batch_augmentation, eval_batch_size, eval_preprocessing
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # ImageNet-1k train split: what "epoch time" refers to
 
@@ -312,7 +312,6 @@ def plan_training(
         topology = load_topology(topology)
     program = build_topology_program(config, topology)  # validates before any compile
     hbm_limit = probe_hbm_limit(topology.devices)
-    itemsize = jnp.dtype(compute_dtype(config)).itemsize
 
     log(f"compiling the train step for {topology.name} ({topology.num_chips} chips) ...")
     train = compile_train(program, topology)
@@ -330,7 +329,12 @@ def plan_training(
         # (accum - 1)x, a fraction of a percent at realistic batch sizes.
         xla_flops = c.flops * accum
         summary = summarize(c.collectives, topology.num_chips)
-        check = check_collectives(c.collectives, program.model_shapes, program.param_shardings, itemsize)
+        # The train step reduces float32 gradients whatever the compute dtype (steps.make_train_step):
+        # the data-parallel all-reduce must be 4 bytes x params (within the check's 1%).
+        mix = batch_augmentation(config).mixes
+        s = config.data.image_size
+        mix_bytes = config.batch_size // topology.num_chips * (s * s * 3 + 4 * config.num_classes) if mix else 0
+        check = check_collectives(c.collectives, program.model_shapes, program.param_shardings, 4, mix_bytes)
         wire = sum(s.wire_bytes for s in summary.values())
         estimate = roofline(
             topology, xla_flops, c.bytes_accessed * accum, wire, config.batch_size, analytic * config.batch_size
