@@ -58,11 +58,14 @@ def evaluate(
     )
     totals = None
     start = time.perf_counter()
-    for _ in range(data_lib.eval_steps(len(source), batch_size)):
-        if should_stop is not None and should_stop():
-            raise EvaluationInterrupted()
-        sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
-        totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    try:
+        for _ in range(data_lib.eval_steps(len(source), batch_size)):
+            if should_stop is not None and should_stop():
+                raise EvaluationInterrupted()
+            sums = program.eval_step(params, mesh_lib.global_batch(next(it), program.mesh))
+            totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)
+    finally:
+        it.close()  # grain's worker processes and read threads end with the pass, on every exit path
     totals = jax.device_get(totals) if totals is not None else {"count": 0}
     elapsed = time.perf_counter() - start
     count = float(totals["count"])
