@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; this CLI uses argparse
         flags.FLAGS.mark_as_parsed()
     from mambaout_jax import data as data_lib
-    from mambaout_jax.convert import CheckpointError, load_source
+    from mambaout_jax.convert import CheckpointError, load_pretrained, load_weights
     from mambaout_jax import storage
     from mambaout_jax.data.digits import write_digits_folder
     from mambaout_jax.models.registry import get_model_spec
@@ -106,10 +106,12 @@ def main(argv=None) -> int:
                 "--num-classes 0 drops the classifier (the model returns pre-logits features), leaving no "
                 "accuracy to measure; leave --num-classes out to evaluate with the checkpoint's classifier"
             )
-        weights = load_source(
-            args.weights, args.pretrained, model=args.model, num_classes=args.num_classes, ema=args.ema,
-            pretrained_source=args.pretrained_source,
-        )  # fmt: skip
+        if args.pretrained:
+            weights = load_pretrained(args.pretrained, source=args.pretrained_source, num_classes=args.num_classes, ema=args.ema)
+            if args.model and get_model_spec(args.model).name != weights.model:
+                raise ValueError(f"--pretrained {args.pretrained} holds {weights.model} weights, not {args.model}")
+        else:
+            weights = load_weights(args.weights, model=args.model, num_classes=args.num_classes, ema=args.ema)
         if jax.process_index() == 0:
             print(f"weights: {weights.describe()}", file=sys.stderr)
         if weights.num_classes == 0:
