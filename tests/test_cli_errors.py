@@ -143,7 +143,7 @@ def test_eval_uses_the_pretrained_tags_eval_settings(eval_cli, fake_eval, monkey
 
     asked = []
 
-    def load_weights(path, *, model=None, num_classes=None):
+    def load_weights(path, *, model=None, num_classes=None, ema=None):
         asked.append(model)
         return convert.LoadedWeights("mambaout_base_plus_rw", 1000, {}, str(path))
 
