@@ -3,10 +3,16 @@
   python -m mambaout_jax.plan --config configs/mambaout_tiny.py --topology v5e:16x16
   python -m mambaout_jax.plan --config configs/mambaout_base.py --topology v5p-128 \\
       --config.grad_accum_steps=2 --search-batch --json base_v5p.json
+  python -m mambaout_jax.plan --config configs/mambaout_tiny.py --topology v5e:2x2 \\
+      --config.batch_size=64 --breakdown=15        # where the train step's bytes and FLOPs go
 
 Compiles train.py's own train and eval steps for the slice (libtpu, compile-only) and prints
 per-chip memory against HBM, FLOPs, every collective and a roofline estimate of speed. Exit status:
 0 the train step fits, 1 it does not (the plan is still printed), 2 bad config or topology.
+
+``--breakdown=N`` compiles the train step only and prints, instead of the plan, its bytes accessed
+and FLOPs per image by model part and its N largest instructions by each (``plan/breakdown.py``);
+``--json`` then writes the per-part totals.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ if "JAX_PLATFORMS" not in os.environ:
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from mambaout_jax.plan.breakdown import breakdown_to_dict, format_breakdown, train_step_breakdown  # noqa: E402
 from mambaout_jax.plan.planner import plan_training  # noqa: E402
 from mambaout_jax.plan.report import format_plan, plan_to_dict  # noqa: E402
 from mambaout_jax.plan.topology import TopologyError  # noqa: E402
@@ -42,6 +49,10 @@ _SEARCH_BATCH = flags.DEFINE_bool(
 )
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 1 << 16, "Upper limit of --search_batch, per chip.")
 _EVAL = flags.DEFINE_bool("eval", True, "Also compile the eval step (--noeval skips it).")
+_BREAKDOWN = flags.DEFINE_integer(
+    "breakdown", 0, "Instead of the plan: the train step's bytes and FLOPs by model part, and its N largest instructions.",
+    lower_bound=0,
+)
 
 
 def main(argv) -> int:
@@ -56,6 +67,8 @@ def main(argv) -> int:
     except OSError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if _BREAKDOWN.value:
+        return _breakdown(config)
     try:
         plan = plan_training(
             config,
@@ -72,6 +85,23 @@ def main(argv) -> int:
     if _JSON.value:
         Path(_JSON.value).write_text(json.dumps(plan_to_dict(plan), indent=1))
     return 0 if plan.train.compiled.fits else 1
+
+
+def _breakdown(config) -> int:
+    try:
+        result = train_step_breakdown(config, _TOPOLOGY.value)
+    except (ConfigError, ShardingConfigError, TopologyError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        print(f"error: the train step does not fit in HBM, nothing to break down: {str(e).strip()[:500]}", file=sys.stderr)
+        return 1
+    print(format_breakdown(result, _BREAKDOWN.value))
+    if _JSON.value:
+        Path(_JSON.value).write_text(json.dumps(breakdown_to_dict(result), indent=1))
+    return 0
 
 
 def _parse_flags(argv: list[str]) -> list[str]:

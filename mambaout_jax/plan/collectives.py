@@ -204,6 +204,23 @@ def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
 def parse_collectives(hlo_text: str) -> list[Collective]:
     """Every collective of an optimized HLO module with its executions per run of the entry."""
     comps = _parse_computations(hlo_text)
+    runs, unknown = _execution_counts(comps)
+    out = []
+    for comp in comps.values():
+        if not runs[comp.name]:
+            continue  # not reachable from the entry (e.g. a reducer's to_apply)
+        for kind, name, arrays, group in comp.collectives:
+            out.append(Collective(kind, name, comp.name, arrays, group, runs[comp.name], unknown[comp.name]))
+    return out
+
+
+def execution_counts(hlo_text: str) -> tuple[dict[str, int], dict[str, bool]]:
+    """Per computation: how often one run of the entry executes it, and whether a loop of unknown
+    trip count is on the way (then counted once per iteration)."""
+    return _execution_counts(_parse_computations(hlo_text))
+
+
+def _execution_counts(comps: dict[str, _Computation]) -> tuple[dict[str, int], dict[str, bool]]:
     entries = [c for c in comps.values() if c.entry]
     if not entries:
         raise ValueError("no ENTRY computation in the HLO text")
@@ -230,13 +247,7 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
             callers[callee] -= 1
             if callers[callee] == 0:
                 ready.append(callee)
-    out = []
-    for comp in comps.values():
-        if not runs[comp.name]:
-            continue  # not reachable from the entry (e.g. a reducer's to_apply)
-        for kind, name, arrays, group in comp.collectives:
-            out.append(Collective(kind, name, comp.name, arrays, group, runs[comp.name], unknown[comp.name]))
-    return out
+    return runs, unknown
 
 
 @dataclasses.dataclass(frozen=True)
