@@ -104,9 +104,11 @@ def find_images(folder: str | None) -> list[str]:
     return paths
 
 
-def randomize_(module, seed: int) -> None:
-    """Every parameter random, so that no mapping mistake hides behind timm's init (LayerNorm scales
-    around 1, layer scale around 0.5, the rest scaled by fan-in); as ``tests/torch_reference.py``."""
+def randomize_(module, seed: int = 0) -> None:
+    """Every parameter random, in place, so that no mapping mistake hides behind timm's init
+    (LayerNorm scale 1 and bias 0, zero biases, layer scale 1e-5): LayerNorm scales around 1, layer
+    scale around 0.5, the rest around 0 scaled by fan-in, so activations stay O(1) and logits are
+    informative. The tests' random models use it too (``tests/torch_reference.py``)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -119,7 +121,7 @@ def randomize_(module, seed: int) -> None:
                 value = 0.1 * noise
             else:
                 value = noise / np.sqrt(int(np.prod(p.shape[1:])))
-            p.copy_(value)
+            p.copy_(value.to(p.device))
 
 
 @dataclasses.dataclass
