@@ -25,6 +25,7 @@ import sys
 from mambaout_jax import storage
 from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_source, save_flax_weights
 from mambaout_jax.convert.verify import verify_against_timm
+from mambaout_jax.convert.cli import add_weight_set_flags
 from mambaout_jax.models import ParamMismatchError, list_models
 
 
@@ -33,11 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("src", nargs="?", help="weight file (local or gs://): .pth/.pt/.bin/.safetensors/.pth.tar (PyTorch) or one written by this project")
     p.add_argument("out", nargs="?", help="output .safetensors file, local or gs:// (written atomically, only on success)")
     p.add_argument("--pretrained", metavar="TAG", help="published weights instead of src, e.g. mambaout_tiny.in1k (then only out is given)")
-    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
-                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="--ema: the EMA weights of a training checkpoint (or run); --no-ema: the raw ones; "
-                   "default: the raw ones of a timm checkpoint (as timm's validate.py), a run's EMA ones when it kept them")
+    add_weight_set_flags(p)
     p.add_argument("--model", choices=list_models(), help="variant; default: recognised from the shapes")
     p.add_argument("--num-classes", type=int, help="classifier size; default: the checkpoint's; 0 drops it")
     p.add_argument("--to-timm", action="store_true", help="write timm layout instead of this project's format")

@@ -25,17 +25,15 @@ import argparse
 import json
 import sys
 
+from mambaout_jax.convert.cli import add_weight_set_flags
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", help="PyTorch .pth/.bin/.safetensors/.pth.tar, a Flax weight file, or a train.py workdir (local or gs://)")
     which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_tiny.in1k (its eval settings)")
-    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
-                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="--ema: the EMA weights of a training checkpoint (or run); --no-ema: the raw ones; "
-                   "default: the raw ones of a timm checkpoint (as timm's validate.py), a run's EMA ones when it kept them")
+    add_weight_set_flags(p)
     p.add_argument(
         "--model",
         help="variant, optionally with timm's pretrained tag, whose eval settings are then used "

@@ -21,6 +21,8 @@ import argparse
 import json
 import sys
 
+from mambaout_jax.convert.cli import add_weight_set_flags
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,10 +30,7 @@ def parse_args(argv=None):
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--weights", help="PyTorch .pth/.bin/.safetensors/.pth.tar, a Flax weight file, or a train.py workdir")
     which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_tiny.in1k (its eval settings)")
-    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
-                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="--ema / --no-ema: the EMA / raw weights of a training checkpoint or run (default: as eval.py)")
+    add_weight_set_flags(p)
     p.add_argument("--model", help="variant, optionally with timm's pretrained tag (its eval settings); default: from the weights")
     p.add_argument(
         "--classes", metavar="FILE",

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from mambaout_jax.convert import CheckpointError
+from mambaout_jax.convert.cli import add_weight_set_flags
 from mambaout_jax.data.digits import write_digits_folder
 from mambaout_jax.predict import ClassScore, Predictor, load_predictor
 
@@ -113,10 +114,7 @@ def parse_args(argv=None):
     which = p.add_mutually_exclusive_group()
     which.add_argument("--weights", help=f"a train.py run or any weight file predict.py reads; default: {DEFAULT_RUN} if present")
     which.add_argument("--pretrained", metavar="TAG", help="published weights by name, e.g. mambaout_femto.in1k (Hugging Face cache)")
-    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub",
-                   help="hub: timm's files on the Hugging Face Hub; release: the authors' GitHub release")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None,
-                   help="--ema / --no-ema: the EMA / raw weights of a training checkpoint or run (default: as eval.py)")
+    add_weight_set_flags(p)
     p.add_argument("--model", help="variant, optionally with timm's pretrained tag (its eval settings); default: from the weights")
     p.add_argument("--classes", metavar="FILE", help="class names, one per line in index order (as predict.py)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")

@@ -49,6 +49,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from mambaout_jax.convert.cli import add_weight_set_flags
 from mambaout_jax.convert.convert import convert_state_dict
 from mambaout_jax.convert.mapping import flax_to_torch
 from mambaout_jax.convert.torch_io import CheckpointError, read_weights
@@ -362,8 +363,7 @@ def parse_args(argv=None):
     which.add_argument("--random-weights", metavar="MODEL", help="a variant with every parameter random (no file)")
     p.add_argument("--reference", help="the PyTorch side's checkpoint; default: the same file as the JAX side")
     p.add_argument("--model", help="variant or tag (its eval settings); default: from the weights")
-    p.add_argument("--pretrained-source", choices=["hub", "release"], default="hub")
-    p.add_argument("--ema", action=argparse.BooleanOptionalAction, default=None, help="weight set of a training checkpoint")
+    add_weight_set_flags(p)
     p.add_argument("--images", help="a folder of images; default: scikit-image's photos")
     p.add_argument("--max-images", type=int, default=8)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="the JAX side's compute dtype")
