@@ -24,8 +24,8 @@ import sys
 
 from mambaout_jax import storage
 from mambaout_jax.convert import CheckpointError, export_timm_safetensors, flax_to_torch, load_source, save_flax_weights
-from mambaout_jax.convert.verify import verify_against_timm
 from mambaout_jax.convert.cli import add_weight_set_flags
+from mambaout_jax.convert.verify import verify_against_timm
 from mambaout_jax.models import ParamMismatchError, list_models
 
 
