@@ -29,18 +29,22 @@ SLICES = ("v4-32", "v5e-256", "v5p-128", "v6e-256")
 RUN_EPOCHS = 310  # the recipe: 300 epochs + 10 cooldown
 
 
-def plan_cell(model: str, slice_name: str, out: Path, extra: list[str]) -> tuple[str, str, float]:
+def plan_cell(model: str, slice_name: str, out: Path, extra: list[str]) -> tuple[str, str, float, str]:
+    """Plans one cell; returns (model, slice, seconds, error). A failed cell keeps its whole stderr
+    in ``<model>_<slice>.err`` and does not stop the other cells."""
     path = out / f"{model}_{slice_name}.json"
     if path.exists():
-        return model, slice_name, 0.0
+        return model, slice_name, 0.0, ""
     t0 = time.time()
     cmd = [sys.executable, "-m", "mambaout_jax.plan", "--config", f"configs/mambaout_{model}.py",
            "--topology", slice_name, "--noeval", "--json", str(path), *extra]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    if proc.returncode not in (0, 1):  # 1 = does not fit, still a plan
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    if proc.returncode not in (0, 1) or not path.exists():  # 1 = does not fit, still a plan
+        err = out / f"{model}_{slice_name}.err"
+        err.write_text(proc.stderr)
+        return model, slice_name, time.time() - t0, f"rc={proc.returncode}, stderr in {err}"
     (out / f"{model}_{slice_name}.txt").write_text(proc.stdout)
-    return model, slice_name, time.time() - t0
+    return model, slice_name, time.time() - t0, ""
 
 
 def _duration(seconds: float) -> str:
@@ -93,10 +97,17 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.table_only:
         cells = [(m, s) for m in args.models for s in args.slices]
+        failed = []
         with concurrent.futures.ThreadPoolExecutor(args.workers) as pool:
-            for model, slice_name, seconds in pool.map(lambda c: plan_cell(*c, args.out, extra), cells):
+            for model, slice_name, seconds, error in pool.map(lambda c: plan_cell(*c, args.out, extra), cells):
                 if seconds:
-                    print(f"{model} on {slice_name}: {seconds:.0f} s", file=sys.stderr, flush=True)
+                    print(f"{model} on {slice_name}: {seconds:.0f} s {error}", file=sys.stderr, flush=True)
+                if error:
+                    failed.append(f"{model} on {slice_name}")
+        if failed:
+            print(table(args.out, args.models, args.slices))
+            print(f"failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
     print(table(args.out, args.models, args.slices))
     return 0
 
