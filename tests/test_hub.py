@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 from conftest import ROOT
 from mambaout_jax.convert import PRETRAINED, resolve_tag
 from mambaout_jax.convert.verify import compare_logits, timm_forward
+from mambaout_jax.convert.weights import load_pretrained
 from mambaout_jax.models.registry import get_model_spec
 from torch_reference import random_timm_model, timm_to_authors
 
@@ -268,6 +269,8 @@ def test_unknown_tag_lists_the_known_ones(tmp_path):
         resolve_tag("test_mambaout")
     r = _cli(_env(tmp_path, "http://127.0.0.1:9"), "--pretrained", "mambaout_tiny.in22k", tmp_path / "o.safetensors")
     assert r.returncode == 2 and "known tags: mambaout_femto.in1k" in r.stderr and "Traceback" not in r.stderr
+    with pytest.raises(ValueError, match=r"unknown pretrained source 'github'; use one of hub, release"):
+        load_pretrained("mambaout_femto", source="github")  # refused before any download
 
 
 # ---- the hub -----------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-PRETRAINED_SOURCES = ("hub", "release")
+from mambaout_jax.convert.pretrained import PRETRAINED_SOURCES
 
 
 def add_weight_set_flags(parser: argparse.ArgumentParser) -> None:

@@ -25,6 +25,9 @@ from mambaout_jax.models.registry import MODELS
 
 HF_PREFIX = "hf-hub:"  # timm's spelling of a hub repository as a model name
 RELEASE_URL = "https://github.com/yuweihao/MambaOut/releases/download/model"
+# Where published weights download from: 'hub', timm's files on the Hugging Face Hub; 'release', the
+# authors' GitHub release (the five paper models).
+PRETRAINED_SOURCES = ("hub", "release")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from mambaout_jax import storage
 from mambaout_jax.convert.convert import convert_state_dict
 from mambaout_jax.convert.hub import download_hub, download_release
 from mambaout_jax.convert.mapping import flax_to_torch
-from mambaout_jax.convert.pretrained import looks_like_tag, resolve_tag
+from mambaout_jax.convert.pretrained import PRETRAINED_SOURCES, looks_like_tag, resolve_tag
 from mambaout_jax.convert.run_checkpoint import find_step_dir, read_meta, read_run_params
 from mambaout_jax.convert.torch_io import CheckpointError, read_weights, write_flax_weights, write_safetensors
 from mambaout_jax.models.registry import MODELS, get_model_spec
@@ -102,13 +102,10 @@ def load_pretrained(
     ``source``: 'hub' (timm's files on the Hugging Face Hub) or 'release' (the authors' GitHub
     release, the five paper models). The tag's variant is checked against the file's shapes.
     """
+    if source not in PRETRAINED_SOURCES:
+        raise ValueError(f"unknown pretrained source {source!r}; use one of {', '.join(PRETRAINED_SOURCES)}")
     weights = resolve_tag(name)
-    if source == "hub":
-        path = download_hub(weights)
-    elif source == "release":
-        path = download_release(weights)
-    else:
-        raise ValueError(f"unknown pretrained source {source!r}; use 'hub' or 'release'")
+    path = download_hub(weights) if source == "hub" else download_release(weights)
     loaded = load_weights(path, model=weights.model, num_classes=num_classes, ema=ema)
     if num_classes is None and loaded.num_classes != weights.num_classes:
         raise CheckpointError(
