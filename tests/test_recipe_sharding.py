@@ -15,7 +15,7 @@ from mambaout_jax.train import mesh as mesh_lib
 from mambaout_jax.train.program import build_program
 from mambaout_jax.train.recipe import ConfigError
 from mambaout_jax.train.steps import ema_update, rng_streams
-from test_train_step import REDUCTION_ORDER_RTOL, assert_params_close, initial_params, no_aug_config, random_batch
+from test_train_step import REDUCTION_ORDER_RTOL, assert_params_close, initial_params, no_aug_config, random_batch, train_steps
 
 
 def recipe_config(**overrides):
@@ -53,13 +53,7 @@ def test_gradients_are_reduced_in_float32_once_per_optimizer_step(sharding, dtyp
 
 
 def run(config, devices, params, batches):
-    mesh = mesh_lib.make_mesh(devices)
-    program = build_program(config, mesh, steps_per_epoch=10)
-    state = program.init_state(params)
-    losses = []
-    for b in batches:
-        state, metrics = program.train_step(state, mesh_lib.global_batch(b, mesh))
-        losses.append(float(metrics["loss"]))
+    state, losses, _ = train_steps(config, devices, params, batches)
     return jax.device_get(state.params), jax.device_get(state.ema_params), losses
 
 

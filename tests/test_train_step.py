@@ -59,7 +59,8 @@ def initial_params(config, seed=0):
     return {k: np.asarray(v) for k, v in get_params(create_model(config.model, num_classes=config.num_classes, seed=seed)).items()}
 
 
-def run_steps(config, devices, params, batches):
+def train_steps(config, devices, params, batches):
+    """The compiled train step on a mesh of ``devices``, one call per batch: (state, losses, program)."""
     mesh = mesh_lib.make_mesh(devices)
     program = build_program(config, mesh, steps_per_epoch=10)
     state = program.init_state(params)
@@ -67,6 +68,11 @@ def run_steps(config, devices, params, batches):
     for b in batches:
         state, metrics = program.train_step(state, mesh_lib.global_batch(b, mesh))
         losses.append(float(metrics["loss"]))
+    return state, losses, program
+
+
+def run_steps(config, devices, params, batches):
+    state, losses, program = train_steps(config, devices, params, batches)
     return jax.device_get(state.params), losses, program
 
 
