@@ -141,6 +141,13 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
     # 8 images at a time on CPU (cache-sized activations, summed in a scan: train/steps.py).
     jax_step, first_step = jax_stepper("auto")
     jax_step_whole, _ = jax_stepper("none")  # the whole batch in one forward/backward
+    # The library's step without the hand-written CPU kernels (mambaout_jax/kernels): XLA's own
+    # depthwise kernel gradient, as before issue 14 added them.
+    os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = "0"
+    try:
+        jax_step_xla, _ = jax_stepper("auto")
+    finally:
+        del os.environ["MAMBAOUT_JAX_CPU_KERNELS"]
 
     tm = timm.create_model(name, pretrained=False).train()
     opt = torch.optim.AdamW(tm.parameters(), lr=4e-3, weight_decay=0.05)
@@ -155,7 +162,7 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
 
     torch_step()
     sec = _timed_rounds(
-        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "timm_eager": torch_step}, rounds, iters
+        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "jax_xla_only": jax_step_xla, "timm_eager": torch_step}, rounds, iters
     )
     return {
         "bench": "train_step",
@@ -165,8 +172,10 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
         "jax_img_per_s": batch / sec["jax"],
         "timm_eager_img_per_s": batch / sec["timm_eager"],
         "jax_whole_batch_img_per_s": batch / sec["jax_whole_batch"],
+        "jax_xla_only_img_per_s": batch / sec["jax_xla_only"],
         "jax_vs_timm_eager": sec["timm_eager"] / sec["jax"],
         "jax_whole_batch_vs_timm_eager": sec["timm_eager"] / sec["jax_whole_batch"],
+        "jax_xla_only_vs_timm_eager": sec["timm_eager"] / sec["jax_xla_only"],
         "jax_first_step_seconds": first_step,
     }
 
@@ -220,11 +229,14 @@ def main() -> None:
     import jax
     import torch
 
+    from mambaout_jax.kernels import cpu as cpu_kernels
+
     env = {"jax": jax.__version__, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
            "cpus": os.cpu_count(), "backend": jax.default_backend(), "XLA_FLAGS": os.environ.get("XLA_FLAGS", ""),
            "cpu_model": cpu_model_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "torch_mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
-           "xla_cpu_onednn": "--xla_cpu_use_onednn=true" in os.environ.get("XLA_FLAGS", "")}  # fmt: skip
+           "xla_cpu_onednn": "--xla_cpu_use_onednn=true" in os.environ.get("XLA_FLAGS", ""),
+           "cpu_kernels": cpu_kernels.depthwise_kernel_grad_available()}  # fmt: skip
     print(json.dumps({"environment": env}), flush=True)
     for name in args.models:
         if args.what == "inference":

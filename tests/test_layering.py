@@ -1,4 +1,4 @@
-"""The library's rooms only look down: models < storage < convert < data < train < plan < the front door."""
+"""The library's rooms only look down: kernels < models < storage < convert < data < train < plan < the front door."""
 
 from __future__ import annotations
 
@@ -9,12 +9,12 @@ from conftest import ROOT
 
 PACKAGE = ROOT / "mambaout_jax"
 # Lowest first. A module may import its own layer and the layers below it, never one above.
-LAYERS = ("models", "storage", "convert", "data", "train", "plan")
+LAYERS = ("kernels", "models", "storage", "convert", "data", "train", "plan")
 FRONT = len(LAYERS)  # mambaout_jax/*.py: the public API and the entry points built on the layers
 
 
 def layer_of(module: str) -> int:
-    """The layer of a dotted module name inside the package (``mambaout_jax.train.steps`` -> 4)."""
+    """The layer of a dotted module name inside the package (``mambaout_jax.train.steps`` -> 5)."""
     parts = module.split(".")
     assert parts[0] == "mambaout_jax", module
     if len(parts) > 1 and parts[1] in LAYERS:

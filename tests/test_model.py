@@ -90,9 +90,13 @@ def test_depthwise_forms_agree(size, channels):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(jnp.abs(a).max()))
 
 
-@pytest.mark.parametrize("size,channels", [(14, 5), (9, 128)])
-def test_depthwise_forms_have_the_same_gradients(size, channels):
-    """The shift form's hand-written VJP against autodiff of XLA's grouped convolution."""
+@pytest.mark.parametrize("cpu_kernels", ["1", "0"], ids=["cpu-kernel", "xla-only"])
+@pytest.mark.parametrize("size,channels", [(14, 5), (9, 128), (11, 40)])
+def test_depthwise_forms_have_the_same_gradients(size, channels, cpu_kernels, monkeypatch):
+    """The shift form's hand-written VJP against autodiff of XLA's grouped convolution, with its
+    kernel gradient from the hand-written CPU kernel (mambaout_jax/kernels) and from XLA's fallback.
+    40 channels: two blocks of 16 and a tail of 8 in the CPU kernel."""
+    monkeypatch.setenv("MAMBAOUT_JAX_CPU_KERNELS", cpu_kernels)
     kx, kk, kg = jax.random.split(jax.random.key(size), 3)
     x = jax.random.normal(kx, (3, size, size, channels))
     k = jax.random.normal(kk, (7, 7, 1, channels))
