@@ -143,11 +143,14 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
     jax_step_whole, _ = jax_stepper("none")  # the whole batch in one forward/backward
     # The library's step without the hand-written CPU kernels (mambaout_jax/kernels): XLA's own
     # depthwise kernel gradient, as before issue 14 added them.
+    saved = os.environ.get("MAMBAOUT_JAX_CPU_KERNELS")
     os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = "0"
     try:
         jax_step_xla, _ = jax_stepper("auto")
     finally:
-        del os.environ["MAMBAOUT_JAX_CPU_KERNELS"]
+        os.environ.pop("MAMBAOUT_JAX_CPU_KERNELS")
+        if saved is not None:
+            os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = saved
 
     tm = timm.create_model(name, pretrained=False).train()
     opt = torch.optim.AdamW(tm.parameters(), lr=4e-3, weight_decay=0.05)
@@ -162,7 +165,9 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
 
     torch_step()
     sec = _timed_rounds(
-        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "jax_xla_only": jax_step_xla, "timm_eager": torch_step}, rounds, iters
+        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "jax_xla_only": jax_step_xla, "timm_eager": torch_step},
+        rounds,
+        iters,
     )
     return {
         "bench": "train_step",
