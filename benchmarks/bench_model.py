@@ -4,6 +4,7 @@
   python benchmarks/bench_model.py inference --models mambaout_femto mambaout_tiny
   python benchmarks/bench_model.py train --models mambaout_femto mambaout_tiny
   python benchmarks/bench_model.py compile --models mambaout_femto mambaout_kobe mambaout_tiny mambaout_small mambaout_base
+  python benchmarks/bench_model.py dw-kernel-grad
 
 Frameworks take turns round by round (JAX, timm eager, torch.compile, JAX, ...) so that the noise
 of a shared machine hits each alike; each figure is the median round. fp32, NHWC for JAX, NCHW for
@@ -212,6 +213,53 @@ def bench_compile(name: str, batch: int, size: int) -> dict:
             "trace_lower_seconds": t1 - t0, "compile_seconds": t2 - t1, "total_seconds": t2 - t0}  # fmt: skip
 
 
+# (N, H, W, C) of one CPU micro-batch of 8 at each stage of femto (C = 48..288) and tiny's first stage.
+DW_KERNEL_GRAD_SHAPES = ((8, 56, 56, 48), (8, 28, 28, 96), (8, 14, 14, 192), (8, 7, 7, 288), (8, 56, 56, 96))
+
+
+def bench_dw_kernel_grad(shape: tuple[int, int, int, int], rounds: int, iters: int) -> dict:
+    """The depthwise 7x7 kernel gradient for one shape: XLA's scan (the fallback), the C++ kernel
+    (mambaout_jax/kernels), and PyTorch's depthwise weight gradient, each checked against the first."""
+    import jax
+    import numpy as np
+    import torch
+
+    from mambaout_jax.kernels import cpu as cpu_kernels
+    from mambaout_jax.models.layers import _depthwise_kernel_grad_xla, _pad_same
+
+    if not cpu_kernels.depthwise_kernel_grad_available():
+        raise SystemExit("the C++ kernel is not available (see the warning above)")
+    n, h, w, c = shape
+    rng = np.random.default_rng(0)
+    x, g = (rng.standard_normal((n, h, w, c), dtype=np.float32) for _ in range(2))
+    xj, gj = jax.device_put(x), jax.device_put(g)
+    xla = jax.jit(lambda x, g: _depthwise_kernel_grad_xla(_pad_same(x, 7), g))
+    ffi = jax.jit(lambda x, g: cpu_kernels.depthwise_kernel_grad(_pad_same(x, 7), g))
+    xt, gt = (torch.from_numpy(a.transpose(0, 3, 1, 2).copy()) for a in (x, g))
+
+    def torch_grad():
+        return torch.nn.grad.conv2d_weight(xt, (c, 1, 7, 7), gt, padding=3, groups=c)
+
+    ref = np.asarray(xla(xj, gj))
+    for name, got in (("cpp", np.asarray(ffi(xj, gj))), ("torch", torch_grad().numpy().reshape(c, 49).T)):
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        if err > 1e-5:
+            raise SystemExit(f"{name} kernel gradient differs from XLA's by {err:.2e} (relative to max) at {shape}")
+    sec = _timed_rounds(
+        {
+            "xla_scan": lambda: xla(xj, gj).block_until_ready(),
+            "cpp_kernel": lambda: ffi(xj, gj).block_until_ready(),
+            "torch": torch_grad,
+        },
+        rounds,
+        iters,
+        settle=0.2,
+    )
+    return {"bench": "dw_kernel_grad", "shape": list(shape), **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
+            "cpp_vs_xla": sec["xla_scan"] / sec["cpp_kernel"], "cpp_vs_torch": sec["torch"] / sec["cpp_kernel"],
+            "cpp_gflops": 2 * 49 * n * h * w * c / sec["cpp_kernel"] / 1e9}  # fmt: skip
+
+
 def cpu_model_name() -> str:
     """``lscpu``'s "Model name" (figures from different CPU kinds are not comparable)."""
     try:
@@ -223,7 +271,7 @@ def cpu_model_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["inference", "train", "compile"])
+    p.add_argument("what", choices=["inference", "train", "compile", "dw-kernel-grad"])
     p.add_argument("--models", nargs="+", default=["mambaout_femto"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
@@ -243,6 +291,10 @@ def main() -> None:
            "xla_cpu_onednn": "--xla_cpu_use_onednn=true" in os.environ.get("XLA_FLAGS", ""),
            "cpu_kernels": cpu_kernels.depthwise_kernel_grad_available()}  # fmt: skip
     print(json.dumps({"environment": env}), flush=True)
+    if args.what == "dw-kernel-grad":
+        for shape in DW_KERNEL_GRAD_SHAPES:
+            print(json.dumps(bench_dw_kernel_grad(shape, args.rounds, max(args.iters, 5))), flush=True)
+        return
     for name in args.models:
         if args.what == "inference":
             r = bench_inference(name, args.batch, args.size, args.rounds, args.iters, not args.no_torch_compile)

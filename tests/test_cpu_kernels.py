@@ -35,16 +35,20 @@ def test_depthwise_kernel_grad_equals_autodiff_of_the_grouped_convolution(batch,
     np.testing.assert_allclose(np.asarray(dk), np.asarray(ref), rtol=0, atol=2e-6 * float(jnp.abs(ref).max()))
 
 
-def _lowered_shift_vjp(channels=16):
-    x = jnp.ones((2, 9, 9, channels))
-    k = jnp.ones((7, 7, 1, channels))
+def _lowered_shift_vjp(kernel_size=7, channels=16):
+    x = jnp.ones((2, 11, 11, channels))
+    k = jnp.ones((kernel_size, kernel_size, 1, channels))
     return jax.jit(lambda x, k: jax.vjp(depthwise_conv_shift, x, k)[1](x)).lower(x, k).as_text()
 
 
 def test_the_shift_form_calls_the_cpu_kernel_unless_switched_off(monkeypatch):
     assert cpu_kernels.TARGET in _lowered_shift_vjp()
+    assert cpu_kernels.TARGET not in _lowered_shift_vjp(kernel_size=9)  # a size the kernel is not built for
     monkeypatch.setenv("MAMBAOUT_JAX_CPU_KERNELS", "0")
     assert cpu_kernels.TARGET not in _lowered_shift_vjp()
+    monkeypatch.setenv("MAMBAOUT_JAX_CPU_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="MAMBAOUT_JAX_CPU_KERNELS='sometimes'"):
+        _lowered_shift_vjp()
 
 
 def test_the_cpu_train_step_calls_the_cpu_kernel():
@@ -94,8 +98,8 @@ def test_a_failed_build_names_its_cause_and_leaves_nothing_behind(tmp_path, monk
 
 
 def test_without_a_compiler_the_model_warns_once_and_uses_xla(tmp_path):
-    """A fresh process whose compiler is missing: a warning naming the cause, then the XLA form,
-    with the same gradient."""
+    """A fresh process whose compiler is missing: one warning naming the cause (the failed build is
+    not retried at the second call), and the XLA form is lowered."""
     import subprocess
     import sys
 

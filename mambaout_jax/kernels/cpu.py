@@ -39,8 +39,16 @@ class KernelBuildError(RuntimeError):
     pass
 
 
+KERNEL_SIZES = (3, 5, 7)  # the kernel sizes depthwise_kernel_grad.cc is instantiated for
+_SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
+
 def enabled() -> bool:
-    return os.environ.get("MAMBAOUT_JAX_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "no", "off")
+    """``MAMBAOUT_JAX_CPU_KERNELS`` (default on); a value that is neither on nor off is refused."""
+    value = os.environ.get("MAMBAOUT_JAX_CPU_KERNELS", "1").strip().lower()
+    if value not in _SWITCH:
+        raise ValueError(f"MAMBAOUT_JAX_CPU_KERNELS={value!r}: use 1 (on, the default) or 0 (off)")
+    return _SWITCH[value]
 
 
 def cache_dir() -> Path:
@@ -106,10 +114,11 @@ def build(source: Path = SOURCE) -> Path:
     return library
 
 
-def depthwise_kernel_grad_available() -> bool:
-    """Whether the depthwise kernel-gradient kernel is switched on, built and registered with XLA
-    for the CPU (read when a function is traced: the switch applies to programs traced after it)."""
-    return enabled() and _register_depthwise_kernel_grad()
+def depthwise_kernel_grad_available(kernel_size: int = 7) -> bool:
+    """Whether the depthwise kernel-gradient kernel is switched on, built for ``kernel_size`` and
+    registered with XLA for the CPU (read when a function is traced: the switch applies to programs
+    traced after it)."""
+    return enabled() and kernel_size in KERNEL_SIZES and _register_depthwise_kernel_grad()
 
 
 @functools.cache
@@ -141,5 +150,5 @@ def depthwise_kernel_grad(xp: jax.Array, g: jax.Array) -> jax.Array:
     return call(xp.astype(jnp.float32), g.astype(jnp.float32))
 
 
-__all__ = ["KernelBuildError", "build", "depthwise_kernel_grad", "depthwise_kernel_grad_available", "enabled"]
+__all__ = ["KERNEL_SIZES", "KernelBuildError", "build", "depthwise_kernel_grad", "depthwise_kernel_grad_available", "enabled"]
 

@@ -196,7 +196,7 @@ def _depthwise_shift_bwd(residuals, g):
     # d/dx: the same 'same' convolution of the cotangent with the spatially flipped kernel.
     dx = _shifted_sum(_pad_same(g, k), kernel[::-1, ::-1], h, w)
     xp, g32 = _pad_same(x, k).astype(jnp.float32), g.astype(jnp.float32)
-    if cpu_kernels.depthwise_kernel_grad_available():
+    if cpu_kernels.depthwise_kernel_grad_available(k):
         # On the CPU, one hand-written pass (mambaout_jax/kernels); elsewhere XLA's form below.
         dk = jax.lax.platform_dependent(
             xp, g32, cpu=cpu_kernels.depthwise_kernel_grad, default=_depthwise_kernel_grad_xla
