@@ -17,6 +17,7 @@ import time
 import jax
 from flax import nnx
 from jax.experimental import multihost_utils
+from orbax.checkpoint import multihost as ocp_multihost
 
 from mambaout_jax import data as data_lib
 from mambaout_jax import storage
@@ -168,6 +169,26 @@ class Preemption:
             else:
                 self._stopping = self._signalled
         return self._stopping
+
+
+# How long a process waits for the others to finish compiling the train step: a slow host's
+# compile of a large model can take many minutes longer than the fastest one's.
+COMPILE_BARRIER_TIMEOUT_S = 30 * 60
+
+
+def compiled_on_every_process(train_step, state, batch):
+    """Multi-process runs: the train step compiled ahead of its first call, then a barrier.
+
+    The first step's collectives are where the processes first meet, and on CPU clusters Gloo
+    gives them 30 s to arrive (not configurable in jax 0.10.2): a process whose compile finishes
+    more than 30 s after another's fails the run with ``Gloo context initialization failed:
+    DEADLINE_EXCEEDED``. Compiling first and waiting at the distributed runtime's barrier
+    (bounded by ``COMPILE_BARRIER_TIMEOUT_S``) makes every process reach that first collective
+    together, whatever the platform.
+    """
+    compiled = train_step.lower(state, batch).compile()
+    ocp_multihost.sync_global_processes("mambaout_train_step_compiled", timeout=COMPILE_BARRIER_TIMEOUT_S)
+    return compiled
 
 
 class StepMetrics:
@@ -335,8 +356,12 @@ def _run(config, workdir, resume, preemption: Preemption, t_start: float) -> dic
                 result = run_evaluation(program, state, eval_source, config, writer, step, preemption)
             except EvaluationInterrupted:
                 return stop(step, " during evaluation")
+        train_step = program.train_step
         while step < total_steps:
-            state, step_metrics = program.train_step(state, mesh_lib.global_batch(next(train_iter), mesh))
+            batch = mesh_lib.global_batch(next(train_iter), mesh)
+            if first_step_seconds is None and jax.process_count() > 1:
+                train_step = compiled_on_every_process(program.train_step, state, batch)
+            state, step_metrics = train_step(state, batch)
             step += 1
             metrics.record(step, step_metrics)
             if first_step_seconds is None:
