@@ -1,8 +1,12 @@
-"""Shared test setup: 8 simulated CPU devices, and which device runs the PyTorch reference."""
+"""Shared test setup: 8 simulated CPU devices, one compilation cache for the whole test run, and
+which device runs the PyTorch reference."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import jax
@@ -30,6 +34,26 @@ def _reference_device() -> str:
 
 
 REFERENCE_DEVICE = _reference_device()
+
+# One persistent JAX compilation cache for the whole test run: the pytest process, its xdist
+# workers and every subprocess they start (train.py, eval.py) share it, so a program that several
+# tests compile (the digits train step, femto's forward) is compiled once per run. It starts
+# empty and is removed at the end: nothing carries over between runs. A test that needs a cold
+# compile sets JAX_COMPILATION_CACHE_DIR="" in its subprocess's environment; the planner's TPU
+# compiles (test_plan, test_breakdown) run without it.
+_CACHE_ENV = "MAMBAOUT_TEST_JAX_CACHE"
+
+
+def pytest_configure(config):
+    if not hasattr(config, "workerinput"):  # the controller (or the only process): before any worker starts
+        os.environ[_CACHE_ENV] = tempfile.mkdtemp(prefix="mambaout-jax-test-compilation-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ[_CACHE_ENV]
+    jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_ENV])
+
+
+def pytest_unconfigure(config):
+    if not hasattr(config, "workerinput") and os.environ.get(_CACHE_ENV):
+        shutil.rmtree(os.environ.pop(_CACHE_ENV), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ MODEL_PARTS = ("stem", "downsample", "LayerNorm", "fc1", "depthwise conv", "fc2"
 @pytest.fixture(scope="module")
 def breakdown(tmp_path_factory):
     path = tmp_path_factory.mktemp("breakdown") / "femto.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     cmd = [sys.executable, "-m", "mambaout_jax.plan", *SMALL_FEMTO, "--topology", "v5e:2x2",
            "--config.batch_size=128", "--breakdown=5", "--json", str(path)]  # fmt: skip
     # One compile: ~1-2 min on two quiet cores, 15+ min when the machine is shared.

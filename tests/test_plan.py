@@ -46,7 +46,8 @@ DATA_PARALLEL = ("v5e_2x2", "v4_2x2x1", "v5e_4x4_multihost", "v5e_2x2_accum")
 
 
 def run_planner(*args: str, json_path: Path | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS")}  # the CLI's own defaults
+    # The CLI's own defaults; no compilation cache (each TPU program here compiles once).
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_PLATFORMS", "XLA_FLAGS", "JAX_COMPILATION_CACHE_DIR")}
     cmd = [sys.executable, "-m", "mambaout_jax.plan", *args] + (["--json", str(json_path)] if json_path else [])
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
