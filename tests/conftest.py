@@ -36,11 +36,12 @@ def _reference_device() -> str:
 REFERENCE_DEVICE = _reference_device()
 
 # One persistent JAX compilation cache for the whole test run: the pytest process, its xdist
-# workers and every subprocess they start (train.py, eval.py) share it, so a program that several
+# workers and the subprocesses they start (train.py, eval.py) share it, so a program that several
 # tests compile (the digits train step, femto's forward) is compiled once per run. It starts
-# empty and is removed at the end: nothing carries over between runs. A test that needs a cold
-# compile sets JAX_COMPILATION_CACHE_DIR="" in its subprocess's environment; the planner's TPU
-# compiles (test_plan, test_breakdown) run without it.
+# empty and is removed at the end: nothing carries over between runs. Exceptions set their
+# subprocess's JAX_COMPILATION_CACHE_DIR themselves: test_train_run's runs use a cache of their
+# own, and "" where a test needs a cold compile; the planner's TPU compiles (test_plan,
+# test_breakdown) run without one.
 _CACHE_ENV = "MAMBAOUT_TEST_JAX_CACHE"
 
 
