@@ -5,6 +5,7 @@
   python benchmarks/bench_model.py train --models mambaout_femto mambaout_tiny
   python benchmarks/bench_model.py compile --models mambaout_femto mambaout_kobe mambaout_tiny mambaout_small mambaout_base
   python benchmarks/bench_model.py dw-kernel-grad
+  python benchmarks/bench_model.py dw-forward
 
 Frameworks take turns round by round (JAX, timm eager, torch.compile, JAX, ...) so that the noise
 of a shared machine hits each alike; each figure is the median round. fp32, NHWC for JAX, NCHW for
@@ -14,6 +15,7 @@ timm, random weights and inputs (speed does not depend on values). Prints a JSON
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -39,6 +41,19 @@ def _timed_rounds(fns: dict, rounds: int, iters: int, settle: float = 2.0) -> di
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+@contextlib.contextmanager
+def cpu_kernels_off():
+    """``MAMBAOUT_JAX_CPU_KERNELS=0`` for what is traced inside (the switch is read at trace time)."""
+    saved = os.environ.get("MAMBAOUT_JAX_CPU_KERNELS")
+    os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = "0"
+    try:
+        yield
+    finally:
+        os.environ.pop("MAMBAOUT_JAX_CPU_KERNELS")
+        if saved is not None:
+            os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = saved
+
+
 def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, compile_torch: bool) -> dict:
     import jax
     import numpy as np
@@ -51,12 +66,17 @@ def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, c
     forward = mambaout_jax.compile_forward(model)  # micro-batches of 8 on CPU
     whole = mambaout_jax.compile_forward(model, micro_batch=None)
     xj = jax.device_put(x)
+    # The library's path without the hand-written CPU kernels (XLA's depthwise form), traced now.
+    xla_only = mambaout_jax.compile_forward(model)
+    with cpu_kernels_off():
+        xla_only(xj).block_until_ready()
 
     tm = timm.create_model(name, pretrained=False).eval()
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
     fns = {
         "jax": lambda: forward(xj).block_until_ready(),
         "jax_whole_batch": lambda: whole(xj).block_until_ready(),
+        "jax_xla_only": lambda: xla_only(xj).block_until_ready(),
     }
 
     def eager():
@@ -91,6 +111,7 @@ def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, c
     out.update({f"{k}_img_per_s": batch / v for k, v in sec.items()})
     out["jax_vs_timm_eager"] = sec["timm_eager"] / sec["jax"]
     out["jax_vs_timm_eager_micro_batch_8"] = sec["timm_eager_micro_batch_8"] / sec["jax"]
+    out["jax_xla_only_vs_timm_eager"] = sec["timm_eager"] / sec["jax_xla_only"]
     if compile_torch:
         out["jax_vs_torch_compile"] = sec["torch_compile"] / sec["jax"]
         out["torch_compile_seconds"] = compile_s
@@ -143,15 +164,9 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
     jax_step, first_step = jax_stepper("auto")
     jax_step_whole, _ = jax_stepper("none")  # the whole batch in one forward/backward
     # The library's step without the hand-written CPU kernels (mambaout_jax/kernels): XLA's own
-    # depthwise kernel gradient, as before issue 14 added them.
-    saved = os.environ.get("MAMBAOUT_JAX_CPU_KERNELS")
-    os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = "0"
-    try:
+    # depthwise forms, as before issue 14 added them.
+    with cpu_kernels_off():
         jax_step_xla, _ = jax_stepper("auto")
-    finally:
-        os.environ.pop("MAMBAOUT_JAX_CPU_KERNELS")
-        if saved is not None:
-            os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = saved
 
     tm = timm.create_model(name, pretrained=False).train()
     opt = torch.optim.AdamW(tm.parameters(), lr=4e-3, weight_decay=0.05)
@@ -227,7 +242,7 @@ def bench_dw_kernel_grad(shape: tuple[int, int, int, int], rounds: int, iters: i
     from mambaout_jax.kernels import cpu as cpu_kernels
     from mambaout_jax.models.layers import _depthwise_kernel_grad_xla, _pad_same
 
-    if not cpu_kernels.depthwise_kernel_grad_available():
+    if not cpu_kernels.depthwise_available():
         raise SystemExit("the C++ kernel is not available (see the warning above)")
     n, h, w, c = shape
     rng = np.random.default_rng(0)
@@ -260,6 +275,65 @@ def bench_dw_kernel_grad(shape: tuple[int, int, int, int], rounds: int, iters: i
             "cpp_gflops": 2 * 49 * n * h * w * c / sec["cpp_kernel"] / 1e9}  # fmt: skip
 
 
+# (N, H, W, passthrough, C): the Gated CNN block's [i | c] for one CPU micro-batch of 8 at each
+# stage of femto, then tiny's first stage.
+DW_FORWARD_SHAPES = ((8, 56, 56, 80, 48), (8, 28, 28, 160, 96), (8, 14, 14, 320, 192), (8, 7, 7, 480, 288),
+                     (8, 56, 56, 128, 64))  # fmt: skip
+
+
+def bench_dw_forward(shape: tuple[int, int, int, int, int], rounds: int, iters: int) -> dict:
+    """``[i, conv(c) + bias]`` for one shape: XLA's form (pad, 49-tap loop, concatenate: the
+    fallback), the C++ kernel (mambaout_jax/kernels), and what timm's GatedConvBlock runs (permute
+    c to NCHW, PyTorch's depthwise convolution, permute back, concatenate), each checked against
+    the first."""
+    import jax
+    import numpy as np
+    import torch
+
+    from mambaout_jax.kernels import cpu as cpu_kernels
+    from mambaout_jax.models.layers import _shift_forward_xla
+
+    if not cpu_kernels.depthwise_available():
+        raise SystemExit("the C++ kernel is not available (see the warning above)")
+    n, h, w, p, c = shape
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, h, w, p + c), dtype=np.float32)
+    kernel = rng.standard_normal((7, 7, 1, c), dtype=np.float32) / 7
+    bias = rng.standard_normal((c,), dtype=np.float32)
+    xj, kj, bj = (jax.device_put(a) for a in (x, kernel, bias))
+    xla = jax.jit(lambda x, k, b: _shift_forward_xla(x, k, b, p))
+    ffi = jax.jit(lambda x, k, b: cpu_kernels.depthwise_forward(x, k, b, p))
+    conv = torch.nn.Conv2d(c, c, 7, padding=3, groups=c).eval()
+    with torch.no_grad():
+        conv.weight.copy_(torch.from_numpy(kernel.transpose(3, 2, 0, 1).copy()))
+        conv.bias.copy_(torch.from_numpy(bias))
+    xt = torch.from_numpy(x)
+
+    @torch.no_grad()
+    def timm_form():
+        i, cc = torch.split(xt, [p, c], dim=-1)
+        return torch.cat((i, conv(cc.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)), dim=-1)
+
+    ref = np.asarray(xla(xj, kj, bj))
+    for name, got in (("cpp", np.asarray(ffi(xj, kj, bj))), ("torch", timm_form().numpy())):
+        err = float(np.abs(got - ref).max() / np.abs(ref).max())
+        if err > 1e-5:
+            raise SystemExit(f"{name} depthwise forward differs from XLA's by {err:.2e} (relative to max) at {shape}")
+    sec = _timed_rounds(
+        {
+            "xla": lambda: xla(xj, kj, bj).block_until_ready(),
+            "cpp_kernel": lambda: ffi(xj, kj, bj).block_until_ready(),
+            "timm_ops": timm_form,
+        },
+        rounds,
+        iters,
+        settle=0.2,
+    )
+    return {"bench": "dw_forward", "shape": list(shape), **{f"{k}_ms": v * 1e3 for k, v in sec.items()},
+            "cpp_vs_xla": sec["xla"] / sec["cpp_kernel"], "cpp_vs_timm_ops": sec["timm_ops"] / sec["cpp_kernel"],
+            "cpp_gflops": 2 * 49 * n * h * w * c / sec["cpp_kernel"] / 1e9}  # fmt: skip
+
+
 def cpu_model_name() -> str:
     """``lscpu``'s "Model name" (figures from different CPU kinds are not comparable)."""
     try:
@@ -271,7 +345,7 @@ def cpu_model_name() -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["inference", "train", "compile", "dw-kernel-grad"])
+    p.add_argument("what", choices=["inference", "train", "compile", "dw-kernel-grad", "dw-forward"])
     p.add_argument("--models", nargs="+", default=["mambaout_femto"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--size", type=int, default=224)
@@ -289,11 +363,15 @@ def main() -> None:
            "cpu_model": cpu_model_name(), "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
            "torch_mkldnn": torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled,
            "xla_cpu_onednn": "--xla_cpu_use_onednn=true" in os.environ.get("XLA_FLAGS", ""),
-           "cpu_kernels": cpu_kernels.depthwise_kernel_grad_available()}  # fmt: skip
+           "cpu_kernels": cpu_kernels.depthwise_available()}  # fmt: skip
     print(json.dumps({"environment": env}), flush=True)
     if args.what == "dw-kernel-grad":
         for shape in DW_KERNEL_GRAD_SHAPES:
             print(json.dumps(bench_dw_kernel_grad(shape, args.rounds, max(args.iters, 5))), flush=True)
+        return
+    if args.what == "dw-forward":
+        for shape in DW_FORWARD_SHAPES:
+            print(json.dumps(bench_dw_forward(shape, args.rounds, max(args.iters, 5))), flush=True)
         return
     for name in args.models:
         if args.what == "inference":

@@ -1,8 +1,10 @@
 """Hand-written C++ kernels for XLA:CPU, called through its FFI, for what XLA:CPU computes slowly.
 
-One kernel today: the depthwise convolution's kernel gradient (``kernels/depthwise_kernel_grad.cc``), which
-XLA computes as k*k memory-bound reductions per image (~28% of a femto train step on CPU,
-benchmarks/RESULTS.md). The C++ source ships with the package and is compiled on first use, for
+Two kernels today, both for the depthwise 'same' convolution (``kernels/depthwise.cc``): its
+forward with the Gated CNN block's pass-through channels, ``[x[..., :p], conv(x[..., p:]) + bias]``,
+which XLA computes as a pad, a 49-tap loop and a concatenate (2-3x slower, benchmarks/RESULTS.md),
+and which also serves as the input gradient; and its kernel gradient, which XLA computes as k*k
+memory-bound reductions per image (~28% of a femto train step on CPU). The C++ source ships with the package and is compiled on first use, for
 the machine it runs on (``g++ -O3 -march=native``), into a cache keyed by everything the binary
 depends on: the source, the compiler, JAX's FFI headers and the CPU's instruction-set flags (so a
 cache shared between an Intel and an AMD machine never runs one's binary on the other). As with
@@ -28,9 +30,11 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-SOURCE = Path(__file__).with_name("depthwise_kernel_grad.cc")
-TARGET = "mambaout_depthwise_kernel_grad"
+SOURCE = Path(__file__).with_name("depthwise.cc")
+FORWARD_TARGET = "mambaout_depthwise_forward"
+KERNEL_GRAD_TARGET = "mambaout_depthwise_kernel_grad"
 COMPILE_FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 COMPILE_TIMEOUT_S = 300
 
@@ -39,7 +43,7 @@ class KernelBuildError(RuntimeError):
     pass
 
 
-KERNEL_SIZES = (3, 5, 7)  # the kernel sizes depthwise_kernel_grad.cc is instantiated for
+KERNEL_SIZES = (3, 5, 7)  # the kernel sizes depthwise.cc is instantiated for
 _SWITCH = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 
 
@@ -114,41 +118,68 @@ def build(source: Path = SOURCE) -> Path:
     return library
 
 
-def depthwise_kernel_grad_available(kernel_size: int = 7) -> bool:
-    """Whether the depthwise kernel-gradient kernel is switched on, built for ``kernel_size`` and
-    registered with XLA for the CPU (read when a function is traced: the switch applies to programs
-    traced after it)."""
-    return enabled() and kernel_size in KERNEL_SIZES and _register_depthwise_kernel_grad()
+def depthwise_available(kernel_size: int = 7) -> bool:
+    """Whether the depthwise kernels are switched on, built for ``kernel_size`` and registered with
+    XLA for the CPU (read when a function is traced: the switch applies to programs traced after it)."""
+    return enabled() and kernel_size in KERNEL_SIZES and _register()
 
 
 @functools.cache
-def _register_depthwise_kernel_grad() -> bool:
+def _register() -> bool:
     try:
         library = ctypes.cdll.LoadLibrary(str(build()))
     except (KernelBuildError, OSError) as e:
         warnings.warn(
-            f"mambaout_jax: the CPU depthwise kernel-gradient kernel is not available, using XLA's slower form ({e})",
+            f"mambaout_jax: the CPU depthwise kernels are not available, using XLA's slower forms ({e})",
             RuntimeWarning,
             stacklevel=2,
         )
         return False
-    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.MambaOutDepthwiseKernelGrad), platform="cpu")
+    jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(library.MambaOutDepthwiseForward), platform="cpu")
+    jax.ffi.register_ffi_target(
+        KERNEL_GRAD_TARGET, jax.ffi.pycapsule(library.MambaOutDepthwiseKernelGrad), platform="cpu"
+    )
     return True
+
+
+def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, passthrough: int) -> jax.Array:
+    """``[x[..., :p], conv(x[..., p:]) + bias]`` (p = passthrough), the 'same' depthwise convolution
+    of the last C channels of ``x`` (N, H, W, p + C) with ``kernel`` (k, k, 1, C), float32.
+
+    CPU only; call it when ``depthwise_available()``. The rows are split over XLA's intra-op
+    thread pool: nothing else of the forward pass can run beside it (the gate waits for its output).
+    """
+    k, _, _, c = kernel.shape
+    if x.shape[-1] != passthrough + c:
+        raise ValueError(f"expected {passthrough} + {c} channels, got {x.shape[-1]}")
+    call = jax.ffi.ffi_call(FORWARD_TARGET, jax.ShapeDtypeStruct(x.shape, jnp.float32), vmap_method="sequential")
+    f32 = jnp.float32
+    return call(x.astype(f32), kernel.reshape(k, k, c).astype(f32), bias.astype(f32), passthrough=np.int64(passthrough))
 
 
 def depthwise_kernel_grad(xp: jax.Array, g: jax.Array) -> jax.Array:
     """sum over n, h, w of ``xp[n, h + i, w + j, c] * g[n, h, w, c]``, shape (k * k, C), float32.
 
     ``xp`` is the input padded 'same' by (k - 1) / 2 on each side of both spatial axes. CPU only;
-    call it when ``depthwise_kernel_grad_available()``. One thread: XLA runs the step's other
+    call it when ``depthwise_available()``. One thread: XLA runs the step's other
     operations on the other cores meanwhile (measured: a 2-thread split made the femto train step
     5% slower on 2 cores).
     """
     n, h, w, c = g.shape
     k = xp.shape[1] - h + 1
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((k * k, c), jnp.float32), vmap_method="sequential")
+    call = jax.ffi.ffi_call(KERNEL_GRAD_TARGET, jax.ShapeDtypeStruct((k * k, c), jnp.float32), vmap_method="sequential")
     return call(xp.astype(jnp.float32), g.astype(jnp.float32))
 
 
-__all__ = ["KERNEL_SIZES", "KernelBuildError", "build", "depthwise_kernel_grad", "depthwise_kernel_grad_available", "enabled"]
+__all__ = [
+    "FORWARD_TARGET",
+    "KERNEL_GRAD_TARGET",
+    "KERNEL_SIZES",
+    "KernelBuildError",
+    "build",
+    "depthwise_available",
+    "depthwise_forward",
+    "depthwise_kernel_grad",
+    "enabled",
+]
 

@@ -173,37 +173,67 @@ def _pad_same(x: jax.Array, k: int) -> jax.Array:
     return jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
 
 
-@jax.custom_vjp
-def depthwise_conv_shift(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """The same depthwise convolution as a sum of k*k shifted, per-channel-scaled copies of x.
+def depthwise_conv_shift(
+    x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, passthrough: int = 0
+) -> jax.Array:
+    """``[x[..., :p], conv(x[..., p:]) + bias]`` (p = passthrough): the depthwise 'same' convolution
+    of the last channels of x, as a sum of k*k shifted, per-channel-scaled copies of them.
 
-    XLA fuses the k*k slices and multiply-adds into one loop nest, which vectorises over the
-    channel axis; on CPU this is as fast as PyTorch's depthwise kernel. The gradient is written out
-    (below) because autodiff of 49 slices keeps 49 padded cotangents alive: 10 GB of temporaries for
-    a femto train step at batch 32 instead of under 4.
+    On the CPU, one hand-written pass (``mambaout_jax/kernels``: no padded copy, no concatenate,
+    2-3x XLA's form); elsewhere, or where the kernel is off, XLA's form: the k*k slices and
+    multiply-adds fuse into one loop nest that vectorises over the channel axis. The gradient is
+    written out (below) because autodiff of 49 slices keeps 49 padded cotangents alive: 10 GB of
+    temporaries for a femto train step at batch 32 instead of under 4.
     """
-    return _shifted_sum(_pad_same(x, kernel.shape[0]), kernel, x.shape[1], x.shape[2])
+    if bias is None:
+        bias = jnp.zeros(kernel.shape[-1:], x.dtype)
+    return _depthwise_shift(x, kernel, bias, passthrough)
 
 
-def _depthwise_shift_fwd(x, kernel):
-    return depthwise_conv_shift(x, kernel), (x, kernel)
+def _shift_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, passthrough: int) -> jax.Array:
+    if x.dtype == kernel.dtype == bias.dtype == jnp.float32 and cpu_kernels.depthwise_available(kernel.shape[0]):
+        return jax.lax.platform_dependent(
+            x,
+            kernel,
+            bias,
+            cpu=functools.partial(cpu_kernels.depthwise_forward, passthrough=passthrough),
+            default=functools.partial(_shift_forward_xla, passthrough=passthrough),
+        )
+    return _shift_forward_xla(x, kernel, bias, passthrough)
 
 
-def _depthwise_shift_bwd(residuals, g):
-    x, kernel = residuals
-    k = kernel.shape[0]
+def _shift_forward_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array, passthrough: int) -> jax.Array:
     _, h, w, _ = x.shape
-    # d/dx: the same 'same' convolution of the cotangent with the spatially flipped kernel.
-    dx = _shifted_sum(_pad_same(g, k), kernel[::-1, ::-1], h, w)
-    xp, g32 = _pad_same(x, k).astype(jnp.float32), g.astype(jnp.float32)
-    if cpu_kernels.depthwise_kernel_grad_available(k):
+    y = _shifted_sum(_pad_same(x[..., passthrough:], kernel.shape[0]), kernel, h, w) + bias
+    return jnp.concatenate([x[..., :passthrough], y], axis=-1) if passthrough else y
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _depthwise_shift(x, kernel, bias, passthrough):
+    return _shift_forward(x, kernel, bias, passthrough)
+
+
+def _depthwise_shift_fwd(x, kernel, bias, passthrough):
+    return _shift_forward(x, kernel, bias, passthrough), (x, kernel, bias)
+
+
+def _depthwise_shift_bwd(passthrough, residuals, g):
+    x, kernel, bias = residuals
+    k = kernel.shape[0]
+    # d/dx: the passed-through cotangent, and the same 'same' convolution of the convolved
+    # channels' cotangent with the spatially flipped kernel (no bias).
+    dx = _shift_forward(g, kernel[::-1, ::-1], jnp.zeros_like(bias), passthrough)
+    gc = g[..., passthrough:]
+    xp, g32 = _pad_same(x[..., passthrough:], k).astype(jnp.float32), gc.astype(jnp.float32)
+    if cpu_kernels.depthwise_available(k):
         # On the CPU, one hand-written pass (mambaout_jax/kernels); elsewhere XLA's form below.
         dk = jax.lax.platform_dependent(
             xp, g32, cpu=cpu_kernels.depthwise_kernel_grad, default=_depthwise_kernel_grad_xla
         )
     else:
         dk = _depthwise_kernel_grad_xla(xp, g32)
-    return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+    dbias = jnp.sum(g32, axis=(0, 1, 2))
+    return dx, dk.reshape(kernel.shape).astype(kernel.dtype), dbias.astype(bias.dtype)
 
 
 def _depthwise_kernel_grad_xla(xp: jax.Array, g: jax.Array) -> jax.Array:
@@ -222,7 +252,7 @@ def _depthwise_kernel_grad_xla(xp: jax.Array, g: jax.Array) -> jax.Array:
     return dk
 
 
-depthwise_conv_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+_depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def _with_identity_taps(kernel: jax.Array, passthrough: int) -> jax.Array:
@@ -268,7 +298,8 @@ class DepthwiseConv2d(nnx.Module):
     ``conv(x, passthrough=p)`` leaves the first p channels of x unchanged and convolves the rest
     (the Gated CNN block's ``[i, conv(c)]``): the grouped form does it in place, in one convolution
     over all channels (``depthwise_conv_grouped_passthrough``); the shift form, whose cost grows
-    with the channels it touches, convolves only the last ones and concatenates.
+    with the channels it touches, convolves only the last ones (``depthwise_conv_shift``: on the
+    CPU one C++ pass writing both parts, elsewhere XLA's form and a concatenate).
     """
 
     def __init__(
@@ -298,8 +329,7 @@ class DepthwiseConv2d(nnx.Module):
             return depthwise_conv_grouped_passthrough(x, kernel, passthrough) + bias
         if self.impl == "grouped":
             return depthwise_conv_grouped(x, kernel) + bias
-        y = depthwise_conv_shift(x[..., passthrough:], kernel) + bias
-        return jnp.concatenate([x[..., :passthrough], y], axis=-1) if passthrough else y
+        return depthwise_conv_shift(x, kernel, bias, passthrough)
 
 
 class LayerScale(nnx.Module):
