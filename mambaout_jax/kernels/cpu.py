@@ -146,8 +146,9 @@ def depthwise_forward(x: jax.Array, kernel: jax.Array, bias: jax.Array, passthro
     """``[x[..., :p], conv(x[..., p:]) + bias]`` (p = passthrough), the 'same' depthwise convolution
     of the last C channels of ``x`` (N, H, W, p + C) with ``kernel`` (k, k, 1, C), float32.
 
-    CPU only; call it when ``depthwise_available()``. The rows are split over XLA's intra-op
-    thread pool: nothing else of the forward pass can run beside it (the gate waits for its output).
+    CPU only; call it when ``depthwise_available()``. Its (image, channel block) items are split
+    over XLA's intra-op thread pool: nothing else of the forward pass can run beside it (the gate
+    waits for its output).
     """
     k, _, _, c = kernel.shape
     if x.shape[-1] != passthrough + c:
