@@ -54,6 +54,25 @@ def cpu_kernels_off():
             os.environ["MAMBAOUT_JAX_CPU_KERNELS"] = saved
 
 
+@contextlib.contextmanager
+def erfc_gelu():
+    """The models built and traced inside use ``jax.nn.gelu``'s erfc form in float32 too, as the
+    library did before ``models.layers.gelu`` took PyTorch's erf formula for float32."""
+    import jax
+
+    from mambaout_jax.models import layers, mambaout
+
+    def erfc_form(x):
+        return jax.nn.gelu(x, approximate=False)
+
+    saved = layers.gelu, mambaout.gelu
+    layers.gelu = mambaout.gelu = erfc_form
+    try:
+        yield
+    finally:
+        layers.gelu, mambaout.gelu = saved
+
+
 def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, compile_torch: bool) -> dict:
     import jax
     import numpy as np
@@ -70,6 +89,9 @@ def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, c
     xla_only = mambaout_jax.compile_forward(model)
     with cpu_kernels_off():
         xla_only(xj).block_until_ready()
+    with erfc_gelu():  # the float32 GELU as jax.nn.gelu's erfc form, before issue 14's change
+        erfc = mambaout_jax.compile_forward(mambaout_jax.create_model(name))
+        erfc(xj).block_until_ready()
 
     tm = timm.create_model(name, pretrained=False).eval()
     xt = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
@@ -77,6 +99,7 @@ def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, c
         "jax": lambda: forward(xj).block_until_ready(),
         "jax_whole_batch": lambda: whole(xj).block_until_ready(),
         "jax_xla_only": lambda: xla_only(xj).block_until_ready(),
+        "jax_erfc_gelu": lambda: erfc(xj).block_until_ready(),
     }
 
     def eager():
@@ -112,6 +135,7 @@ def bench_inference(name: str, batch: int, size: int, rounds: int, iters: int, c
     out["jax_vs_timm_eager"] = sec["timm_eager"] / sec["jax"]
     out["jax_vs_timm_eager_micro_batch_8"] = sec["timm_eager_micro_batch_8"] / sec["jax"]
     out["jax_xla_only_vs_timm_eager"] = sec["timm_eager"] / sec["jax_xla_only"]
+    out["jax_erfc_gelu_vs_timm_eager"] = sec["timm_eager"] / sec["jax_erfc_gelu"]
     if compile_torch:
         out["jax_vs_torch_compile"] = sec["torch_compile"] / sec["jax"]
         out["torch_compile_seconds"] = compile_s
@@ -167,6 +191,8 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
     # depthwise forms, as before issue 14 added them.
     with cpu_kernels_off():
         jax_step_xla, _ = jax_stepper("auto")
+    with erfc_gelu():
+        jax_step_erfc, _ = jax_stepper("auto")
 
     tm = timm.create_model(name, pretrained=False).train()
     opt = torch.optim.AdamW(tm.parameters(), lr=4e-3, weight_decay=0.05)
@@ -181,7 +207,8 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
 
     torch_step()
     sec = _timed_rounds(
-        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "jax_xla_only": jax_step_xla, "timm_eager": torch_step},
+        {"jax": jax_step, "jax_whole_batch": jax_step_whole, "jax_xla_only": jax_step_xla,
+         "jax_erfc_gelu": jax_step_erfc, "timm_eager": torch_step},
         rounds,
         iters,
     )
@@ -197,6 +224,8 @@ def bench_train(name: str, batch: int, size: int, rounds: int, iters: int) -> di
         "jax_vs_timm_eager": sec["timm_eager"] / sec["jax"],
         "jax_whole_batch_vs_timm_eager": sec["timm_eager"] / sec["jax_whole_batch"],
         "jax_xla_only_vs_timm_eager": sec["timm_eager"] / sec["jax_xla_only"],
+        "jax_erfc_gelu_img_per_s": batch / sec["jax_erfc_gelu"],
+        "jax_erfc_gelu_vs_timm_eager": sec["timm_eager"] / sec["jax_erfc_gelu"],
         "jax_first_step_seconds": first_step,
     }
 

@@ -23,6 +23,7 @@ from mambaout_jax.models.layers import (
     depthwise_conv_grouped_passthrough,
     depthwise_conv_shift,
     drop_path,
+    gelu,
 )
 from mambaout_jax.models.mambaout import drop_path_rates
 from torch_reference import random_timm_model, state_dict_numpy
@@ -325,3 +326,30 @@ def test_layer_scale_starts_at_timms_registered_values():
     timm_gamma = next(p for k, p in timm.create_model("test_mambaout").named_parameters() if k.endswith("ls.gamma"))
     assert float(timm_gamma.detach()[0]) == pytest.approx(1e-5)  # what timm does instead: if this changes, revisit
     assert mambaout_jax.create_model("mambaout_femto").stages[0].blocks[0].ls is None  # paper models: none
+
+
+def test_gelu_is_torchs_formula_in_float32_and_erfc_in_bfloat16():
+    """float32: PyTorch's x/2 (1 + erf(x/sqrt 2)) (what nn.GELU computes on CPU), value and
+    gradient; bfloat16 keeps jax.nn.gelu's erfc form, which the erf form would cancel to 0 for
+    negative inputs."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([np.linspace(-9, 9, 4001), rng.standard_normal(4000) * 3]).astype(np.float32)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = torch.nn.functional.gelu(xt)
+    yt.sum().backward()
+    y = gelu(jnp.asarray(x))
+    dx = jax.grad(lambda v: jnp.sum(gelu(v)))(jnp.asarray(x))
+    # Both sides round 1 + erf(x / sqrt 2) near 1 (and near 0 for negative x, where the two erf
+    # implementations' last bits are all that is left): a few ulps of max(|x|, 1), not of the result.
+    bound = 4 * np.finfo(np.float32).eps * np.maximum(np.abs(x), 1)
+    assert np.all(np.abs(np.asarray(y) - yt.detach().numpy()) <= bound)
+    assert np.all(np.abs(np.asarray(dx) - xt.grad.numpy()) <= bound)
+    assert np.all(np.abs(np.asarray(y) - np.asarray(jax.nn.gelu(jnp.asarray(x), approximate=False))) <= bound)
+
+    xb = jnp.asarray([-5.0, -3.0, -1.0, 0.5, 2.0], jnp.bfloat16)
+    yb = gelu(xb)
+    assert yb.dtype == jnp.bfloat16
+    reference = jax.nn.gelu(xb, approximate=False)
+    np.testing.assert_array_equal(np.asarray(yb, np.float32), np.asarray(reference, np.float32))
+    erf_form = xb * 0.5 * (1 + jax.lax.erf(xb * jnp.asarray(np.sqrt(0.5), jnp.bfloat16)))
+    assert float(erf_form[0]) == 0.0 and float(yb[0]) < 0  # gelu(-5) = -1.4e-6: 1 + erf cancels, erfc does not

@@ -27,6 +27,7 @@ from mambaout_jax.models.layers import (
     Linear,
     dense,
     fold_in,
+    gelu,
     get_activation,
 )
 
@@ -226,7 +227,7 @@ class PreLogits(nnx.Module):
         self.norm = LayerNorm(hidden, dtype=dtype, rngs=rngs) if with_norm else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = jax.nn.gelu(self.fc(x), approximate=False)
+        x = gelu(self.fc(x))
         if self.norm is not None:
             x = self.norm(x)
         return x
