@@ -33,8 +33,9 @@ def gelu(x: jax.Array) -> jax.Array:
     float32: PyTorch's own formula, ``x / 2 * (1 + erf(x / sqrt(2)))``. XLA:CPU emits erf as one
     rational polynomial where ``jax.nn.gelu``'s ``erfc`` takes two branches and an exp: CPU
     inference 1.24x (femto) and 1.12x (tiny) faster (benchmarks/RESULTS.md), the same numbers to
-    float32 rounding, and bit-equal to PyTorch's more often. Narrower dtypes keep ``jax.nn.gelu``'s ``x / 2 * erfc(-x / sqrt(2))``: in bfloat16
-    ``1 + erf(x)`` cancels to nothing for negative x, erfc does not.
+    float32 rounding, and bit-equal to PyTorch's more often. Narrower dtypes keep
+    ``jax.nn.gelu``'s ``x / 2 * erfc(-x / sqrt(2))``: in bfloat16 ``1 + erf(x)`` cancels to
+    nothing for negative x, erfc does not (and the TPU step stays as it was).
     """
     if x.dtype == jnp.float32:
         return x * 0.5 * (1.0 + jax.lax.erf(x * np.float32(np.sqrt(0.5))))
