@@ -261,6 +261,16 @@ def bench_compile(name: str, batch: int, size: int) -> dict:
 DW_KERNEL_GRAD_SHAPES = ((8, 56, 56, 48), (8, 28, 28, 96), (8, 14, 14, 192), (8, 7, 7, 288), (8, 56, 56, 96))
 
 
+def _check_against(reference, candidates: dict, what: str, rtol: float = 1e-5) -> None:
+    """Stop the benchmark if a candidate's result differs from XLA's (max error relative to max)."""
+    import numpy as np
+
+    for name, got in candidates.items():
+        err = float(np.abs(got - reference).max() / np.abs(reference).max())
+        if err > rtol:
+            raise SystemExit(f"{name} {what} differs from XLA's by {err:.2e} (relative to max)")
+
+
 def bench_dw_kernel_grad(shape: tuple[int, int, int, int], rounds: int, iters: int) -> dict:
     """The depthwise 7x7 kernel gradient for one shape: XLA's scan (the fallback), the C++ kernel
     (mambaout_jax/kernels), and PyTorch's depthwise weight gradient, each checked against the first."""
@@ -284,11 +294,11 @@ def bench_dw_kernel_grad(shape: tuple[int, int, int, int], rounds: int, iters: i
     def torch_grad():
         return torch.nn.grad.conv2d_weight(xt, (c, 1, 7, 7), gt, padding=3, groups=c)
 
-    ref = np.asarray(xla(xj, gj))
-    for name, got in (("cpp", np.asarray(ffi(xj, gj))), ("torch", torch_grad().numpy().reshape(c, 49).T)):
-        err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        if err > 1e-5:
-            raise SystemExit(f"{name} kernel gradient differs from XLA's by {err:.2e} (relative to max) at {shape}")
+    _check_against(
+        np.asarray(xla(xj, gj)),
+        {"cpp": np.asarray(ffi(xj, gj)), "torch": torch_grad().numpy().reshape(c, 49).T},
+        f"kernel gradient at {shape}",
+    )
     sec = _timed_rounds(
         {
             "xla_scan": lambda: xla(xj, gj).block_until_ready(),
@@ -343,11 +353,11 @@ def bench_dw_forward(shape: tuple[int, int, int, int, int], rounds: int, iters: 
         i, cc = torch.split(xt, [p, c], dim=-1)
         return torch.cat((i, conv(cc.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)), dim=-1)
 
-    ref = np.asarray(xla(xj, kj, bj))
-    for name, got in (("cpp", np.asarray(ffi(xj, kj, bj))), ("torch", timm_form().numpy())):
-        err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        if err > 1e-5:
-            raise SystemExit(f"{name} depthwise forward differs from XLA's by {err:.2e} (relative to max) at {shape}")
+    _check_against(
+        np.asarray(xla(xj, kj, bj)),
+        {"cpp": np.asarray(ffi(xj, kj, bj)), "torch": timm_form().numpy()},
+        f"depthwise forward at {shape}",
+    )
     sec = _timed_rounds(
         {
             "xla": lambda: xla(xj, kj, bj).block_until_ready(),

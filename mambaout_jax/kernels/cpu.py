@@ -4,10 +4,11 @@ Two kernels today, both for the depthwise 'same' convolution (``kernels/depthwis
 forward with the Gated CNN block's pass-through channels, ``[x[..., :p], conv(x[..., p:]) + bias]``,
 which XLA computes as a pad, a 49-tap loop and a concatenate (2-3x slower, benchmarks/RESULTS.md),
 and which also serves as the input gradient; and its kernel gradient, which XLA computes as k*k
-memory-bound reductions per image (~28% of a femto train step on CPU). The C++ source ships with the package and is compiled on first use, for
-the machine it runs on (``g++ -O3 -march=native``), into a cache keyed by everything the binary
-depends on: the source, the compiler, JAX's FFI headers and the CPU's instruction-set flags (so a
-cache shared between an Intel and an AMD machine never runs one's binary on the other). As with
+memory-bound reductions per image (~28% of a femto train step on CPU). The C++ source ships with
+the package and is compiled on first use, for the machine it runs on (``g++ -O3 -march=native``),
+into a cache keyed by everything the binary depends on: the source, the compiler, JAX's FFI
+headers and the CPU's instruction-set flags (so a cache shared between an Intel and an AMD machine
+never runs one's binary on the other). As with
 ``torch.utils.cpp_extension.load``: no build step at install time, and where the build cannot run
 (no C++ compiler) the model falls back to XLA's form of the same sum, with one warning.
 
