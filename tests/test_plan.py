@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import numpy as np
 import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mambaout_jax.models.factory import model_info
-from mambaout_jax.plan.collectives import parse_collectives, summarize
-from mambaout_jax.plan.expectations import TOLERANCE
+from mambaout_jax.models.factory import model_info, model_param_shapes
+from mambaout_jax.plan.collectives import Array, Collective, parse_collectives, summarize
+from mambaout_jax.plan.expectations import TOLERANCE, check_collectives
 from mambaout_jax.plan.planner import search_largest_batch
 from mambaout_jax.plan.topology import KNOWN_FORMS, TopologyError, parse_topology_name
+from mambaout_jax.train.mesh import partition_spec, resolve_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 FEMTO_PARAMS = model_info("mambaout_femto")["params"]
@@ -39,6 +44,8 @@ PLANS = {
     "v5e_4x4_multihost": ("v5e:4x4", ["--config.batch_size=64", "--noeval"]),
     "v5e_2x2_accum": ("v5e:2x2", ["--config.batch_size=64", "--config.grad_accum_steps=2", "--noeval"]),
     "v5e_2x2_fsdp": ("v5e:2x2", ["--config.batch_size=32", "--config.sharding=fsdp", "--noeval"]),
+    # from 4x4 up the v5e compiler writes the gradients' reduce-scatters as all-reduce + slice
+    "v5e_4x4_fsdp": ("v5e:4x4", ["--config.batch_size=64", "--config.sharding=fsdp", "--noeval"]),
     # 262,144 images of 32px per chip: ~50 GiB of activations on a 16 GiB chip
     "v5e_2x2_too_big": ("v5e:2x2", ["--config.batch_size=1048576", "--noeval"]),
 }
@@ -181,6 +188,35 @@ def test_fsdp_cuts_per_chip_parameter_and_optimizer_memory_by_about_the_chip_cou
     kinds = fsdp["collective_summary"]
     assert kinds["all-reduce"]["elements"] < 0.5 * FEMTO_PARAMS  # the gradients are not all-reduced in full ...
     assert kinds["all-gather"]["elements"] > 0.5 * FEMTO_PARAMS  # ... most weights are gathered where used
+
+
+def test_fsdp_on_a_4x4_slice_is_checked_through_the_compilers_all_reduce_form_of_reduce_scatter(plans):
+    """On v5e:4x4 every sharded gradient's reduce-scatter comes out of the TPU compiler as an
+    all-reduce whose result each chip only dynamic-slices. The planner must see that as the
+    reduce-scatter it is (not as replicated gradients) and still say which arrays are reduced whole."""
+    plan = ok_plan(plans, "v5e_4x4_fsdp")
+    chips = plan["topology"]["chips"]
+    rules = resolve_rules("fsdp")
+    shapes = model_param_shapes("mambaout_femto")
+    sharded = sum(math.prod(s) for p, s in shapes.items() if partition_spec(p, s, rules, chips) != PartitionSpec())
+    assert 0.9 * FEMTO_PARAMS < sharded < FEMTO_PARAMS
+    by_role = {"scatter": 0, "gather": 0, "": 0}
+    for c in plan["train"]["compiled"]["collectives"]:
+        if c["kind"] == "all-reduce":
+            assert len(c["roles"]) == len(c["arrays"])
+            for a, role in zip(c["arrays"], c["roles"]):
+                if a["shape"]:
+                    by_role[role] += a_elements(a) * c["executions"]
+        else:
+            assert c["roles"] == []
+    reduce_scatter = plan["collective_summary"].get("reduce-scatter", {"elements": 0})["elements"]
+    assert by_role["scatter"] + reduce_scatter == sharded  # every sharded gradient is scattered, once
+    assert by_role["scatter"] > 0.9 * sharded  # ... almost all of it in the all-reduce form
+    assert by_role[""] == FEMTO_PARAMS - sharded  # the replicated ones (norm scales, biases) reduced whole
+    check = plan["collective_check"]
+    assert check["ok"] and check["rule"] == "sharded (fsdp)", check
+    written_as = f"{by_role['scatter']:,} elements are reduce-scatters written as all-reduce + dynamic-slice"
+    assert written_as in check["found"]
 
 
 def test_batch_that_cannot_fit_is_reported_with_the_compilers_numbers(plans):
@@ -350,6 +386,95 @@ def test_hlo_collectives_async_tuple_and_loop_forms_are_each_counted_as_executed
     assert kinds["all-gather"].wire_bytes == pytest.approx(64 * 16 * 2 * 7 / 8)
     assert kinds["collective-permute"].wire_bytes == 512
     assert kinds["all-reduce"].dtypes == {"f32": 128 + 1 + 1, "bf16": 128 + 8 * 1024}
+
+
+# The forms libtpu gives a reduce-scatter and an all-gather over a multi-dimensional slice (read off
+# a compiled v5e:4x4 step): all-reduces, whose result is only dynamic-sliced / whose operand is the
+# chip's shard written into zeros. Around them: a combined async all-reduce whose element 0 is
+# sliced (inside a fusion, behind a VMEM copy) and element 1 is used whole, and a
+# dynamic-update-slice into something that is not zeros (an update, not a gather).
+DECOMPOSED_HLO = """\
+HloModule jit_step, entry_computation_layout={()->()}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(%a, %b)
+}
+
+%fused_slice (param_0: f32[64,8], param_1: u32[]) -> f32[4,8] {
+  %param_0 = f32[64,8]{1,0} parameter(0)
+  %param_1 = u32[] parameter(1)
+  %bitcast.1 = f32[64,8]{1,0} bitcast(%param_0)
+  %constant.0 = u32[] constant(0)
+  ROOT %dynamic-slice.1 = f32[4,8]{1,0} dynamic-slice(%bitcast.1, %param_1, %constant.0), dynamic_slice_sizes={4,8}
+}
+
+%fused_gather (param_0.1: f32[4,8], param_1.1: u32[]) -> f32[64,8] {
+  %param_0.1 = f32[4,8]{1,0} parameter(0)
+  %param_1.1 = u32[] parameter(1)
+  %constant.1 = f32[] constant(0)
+  %broadcast.1 = f32[64,8]{1,0} broadcast(%constant.1), dimensions={}
+  %constant.2 = u32[] constant(0)
+  ROOT %dynamic-update-slice.1 = f32[64,8]{1,0} dynamic-update-slice(%broadcast.1, %param_0.1, %param_1.1, %constant.2)
+}
+
+ENTRY %main (g: f32[64,8], w: f32[4,8], h: f32[16], m: f32[64,8]) -> f32[64,8] {
+  %g = f32[64,8]{1,0} parameter(0)
+  %w = f32[4,8]{1,0} parameter(1)
+  %h = f32[16]{0} parameter(2)
+  %m = f32[64,8]{1,0} parameter(3)
+  %partition-id.1 = u32[] partition-id()
+  %all-reduce.1 = f32[64,8]{1,0} all-reduce(%g), channel_id=1, replica_groups={{0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}}, to_apply=%add
+  %dynamic-slice.2 = f32[4,8]{1,0} dynamic-slice(%all-reduce.1, %partition-id.1, %partition-id.1), dynamic_slice_sizes={4,8}
+  %fusion.1 = f32[64,8]{1,0} fusion(%w, %partition-id.1), kind=kLoop, calls=%fused_gather
+  %all-reduce.2 = f32[64,8]{1,0} all-reduce(%fusion.1), channel_id=2, replica_groups={{0,1,2,3,4,5,6,7,8,9,10,11,12,13,14,15}}, to_apply=%add
+  %all-reduce-start.3 = (f32[64,8]{1,0}, f32[16]{0}) all-reduce-start(%g, %h), channel_id=3, replica_groups=[1,16]<=[16], to_apply=%add
+  %all-reduce-done.3 = (f32[64,8]{1,0}, f32[16]{0}) all-reduce-done(%all-reduce-start.3)
+  %get-tuple-element.1 = f32[64,8]{1,0} get-tuple-element(%all-reduce-done.3), index=0
+  %copy-start.1 = (f32[64,8]{1,0:S(1)}, f32[64,8]{1,0}, u32[]) copy-start(%get-tuple-element.1)
+  %copy-done.1 = f32[64,8]{1,0:S(1)} copy-done(%copy-start.1)
+  %fusion.2 = f32[4,8]{1,0} fusion(%copy-done.1, %partition-id.1), kind=kLoop, calls=%fused_slice
+  %get-tuple-element.2 = f32[16]{0} get-tuple-element(%all-reduce-done.3), index=1
+  %negate.1 = f32[16]{0} negate(%get-tuple-element.2)
+  %dynamic-update-slice.2 = f32[64,8]{1,0} dynamic-update-slice(%m, %w, %partition-id.1, %partition-id.1)
+  %all-reduce.4 = f32[64,8]{1,0} all-reduce(%dynamic-update-slice.2), channel_id=4, replica_groups=[1,16]<=[16], to_apply=%add
+  ROOT %add.2 = f32[64,8]{1,0} add(%all-reduce.4, %all-reduce.2)
+}
+"""
+
+
+def test_all_reduces_that_stand_for_a_reduce_scatter_or_an_all_gather_say_so():
+    cs = {c.name: c for c in parse_collectives(DECOMPOSED_HLO)}
+    assert {n: (c.kind, c.roles) for n, c in cs.items()} == {
+        "all-reduce.1": ("all-reduce", ("scatter",)),  # the result only dynamic-sliced
+        "all-reduce.2": ("all-reduce", ("gather",)),  # the shard written into zeros, then summed
+        "all-reduce-start.3": ("all-reduce", ("scatter", "")),  # per element of a combined one
+        "all-reduce.4": ("all-reduce", ("",)),  # written into live data: a real sum
+    }
+    kinds = summarize(cs.values(), num_devices=16)  # the wire still carries all-reduces
+    assert set(kinds) == {"all-reduce"} and kinds["all-reduce"].elements == 4 * 64 * 8 + 16
+
+
+def test_fsdp_check_counts_the_all_reduce_forms_as_what_they_stand_for():
+    """Sharded w (64 x 8) and replicated b (16): a reduce-scatter written as all-reduce + slice
+    passes; the same gradient all-reduced and kept whole fails as replicated gradients."""
+    mesh = Mesh(np.array(jax.devices()[:8]), ("data",))  # conftest's 8 CPU devices
+    shardings = {"w": NamedSharding(mesh, PartitionSpec("data")), "b": NamedSharding(mesh, PartitionSpec())}
+    shapes = {"w": (64, 8), "b": (16,)}
+
+    def collective(name, roles, arrays=((64, 8), (16,))):
+        return Collective("all-reduce", name, "main", tuple(Array("f32", a) for a in arrays), 16, 1, False, roles)
+
+    scattered = [collective("ar", ("scatter", "")), Collective(
+        "all-gather", "ag", "main", (Array("f32", (64, 8)),), 16, 1, False)]  # fmt: skip
+    check = check_collectives(scattered, shapes, shardings, 4)
+    assert check.ok, check
+    assert "512 elements are reduce-scatters written as all-reduce + dynamic-slice" in check.found
+    assert "reduce-scatters 512 elements" in " ".join(check.findings)
+    replicated = [collective("ar", ("", "")), scattered[1]]
+    check = check_collectives(replicated, shapes, shardings, 4)
+    assert not check.ok and "replicated gradients" in " ".join(check.findings), check
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,13 @@ Forms handled: ``all-reduce``, ``all-gather``, ``reduce-scatter``, ``collective-
 ``all-to-all``, ``collective-broadcast``, ``ragged-all-to-all``, their ``-start``/``-done`` async
 pairs (the ``-start`` is counted, ``-done`` is not), generic ``async-start`` wrappers (the
 collective inside the wrapped computation is counted), and tuple-shaped (combined) collectives.
+
+Decomposed collectives: on multi-dimensional TPU slices (v5e from 4x4 up, in libtpu 0.0.42) the
+compiler writes a reduce-scatter over the data axis as an all-reduce whose result each chip only
+dynamic-slices (its shard), and an all-gather as an all-reduce of the chip's shard written by a
+dynamic-update-slice into zeros; even tile-aligned shards of a plain ``psum_scatter`` get this
+form. Such an all-reduce stays an all-reduce here (it moves what an all-reduce moves), and
+``Collective.roles`` says per array which of the two it stands for.
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ class Collective:
     group_size: int | None  # devices per replica group; None when the text does not say
     executions: int  # per step (loop trip counts multiplied in)
     in_unknown_loop: bool  # inside a loop with a data-dependent trip count (counted once per iteration)
+    # Per array of an all-reduce: "scatter" when every use of the result is a dynamic-slice (a
+    # reduce-scatter written as all-reduce + slice), "gather" when the operand is a
+    # dynamic-update-slice into zeros (an all-gather written as one), else "" (a reduction).
+    roles: tuple[str, ...] = ()
 
     @property
     def bytes(self) -> int:
@@ -137,6 +148,14 @@ def _payload(kind: str, opcode: str, arrays: list[Array], group: int | None, att
     return tuple(arrays)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+    opcode: str
+    operands: tuple[str, ...]
+    calls: str | None  # a fusion's fused computation
+    index: int | None  # a get-tuple-element's
+
+
 @dataclasses.dataclass
 class _Computation:
     name: str
@@ -146,6 +165,11 @@ class _Computation:
     collectives: list[tuple[str, str, tuple[Array, ...], int | None]] = dataclasses.field(default_factory=list)
     int_constants: dict[str, int] = dataclasses.field(default_factory=dict)
     tuple_elements: set[str] = dataclasses.field(default_factory=set)  # get-tuple-element results
+    instructions: dict[str, "_Instruction"] = dataclasses.field(default_factory=dict)
+    users: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
+    parameters: dict[int, str] = dataclasses.field(default_factory=dict)  # index -> name
+    root: str | None = None
+    zeros: set[str] = dataclasses.field(default_factory=set)  # constants whose value is 0
     # N when this computation is a loop condition `i < N` on a loop-carried counter: JAX's scan and
     # fori_loop count i from 0, so such a loop runs N times.
     counted_limit: int | None = None
@@ -168,7 +192,21 @@ def _parse_computations(hlo_text: str) -> dict[str, _Computation]:
         if not inst:
             continue
         name, shape_text, opcode, rest = inst.groups()
+        operands = tuple(re.findall(r"%([^\s,)]+)", rest.split(")", 1)[0]))
+        callee = re.search(r"\bcalls=%?([^\s,}]+)", rest) if opcode == "fusion" else None
+        index = re.search(r"\bindex=(\d+)", rest) if opcode == "get-tuple-element" else None
+        current.instructions[name] = _Instruction(
+            opcode, operands, callee.group(1) if callee else None, int(index.group(1)) if index else None
+        )
+        for o in operands:
+            current.users[o].append(name)
+        if line.lstrip().startswith("ROOT"):
+            current.root = name
+        if opcode == "parameter" and re.match(r"\d+\)", rest):
+            current.parameters[int(rest.split(")", 1)[0])] = name
         if opcode == "constant":
+            if re.match(r"\s*-?0(\.0*)?\)|\s*false\)", rest):
+                current.zeros.add(name)
             m = re.match(r"(-?\d+)\)", rest)
             if m and re.match(r"\s*[su]\d+\[\]", shape_text):
                 current.int_constants[name] = int(m.group(1))
@@ -210,8 +248,86 @@ def parse_collectives(hlo_text: str) -> list[Collective]:
         if not runs[comp.name]:
             continue  # not reachable from the entry (e.g. a reducer's to_apply)
         for kind, name, arrays, group in comp.collectives:
-            out.append(Collective(kind, name, comp.name, arrays, group, runs[comp.name], unknown[comp.name]))
+            roles = _all_reduce_roles(comp, name, len(arrays), comps) if kind == "all-reduce" else ()
+            out.append(Collective(kind, name, comp.name, arrays, group, runs[comp.name], unknown[comp.name], roles))
     return out
+
+
+# What moves or reinterprets a buffer without changing it: followed when tracing a collective's
+# operand back to its producer and its result forward to its uses.
+_PASS_THROUGH = {"bitcast", "copy", "copy-start", "copy-done", "all-reduce-done"}
+
+
+def _all_reduce_roles(comp: _Computation, name: str, n: int, comps: dict[str, _Computation]) -> tuple[str, ...]:
+    """Per array of the all-reduce ``name``: "scatter", "gather" or "" (see ``Collective.roles``)."""
+    inst = comp.instructions[name]
+    roles = []
+    for k in range(n):
+        results = [name] if n == 1 else _tuple_element_uses(comp, name, k)
+        operand = inst.operands[k] if k < len(inst.operands) else None
+        if results and all(_only_dynamic_sliced(comp, r, comps) for r in results):
+            roles.append("scatter")
+        elif operand is not None and _written_into_zeros(comp, operand, comps):
+            roles.append("gather")
+        else:
+            roles.append("")
+    return tuple(roles)
+
+
+def _tuple_element_uses(comp: _Computation, name: str, k: int, depth: int = 0) -> list[str]:
+    """The get-tuple-element instructions that take element ``k`` of ``name``'s (async) tuple."""
+    out = []
+    for u in comp.users.get(name, []):
+        user = comp.instructions[u]
+        if user.opcode == "get-tuple-element" and user.index == k:
+            out.append(u)
+        elif user.opcode in _PASS_THROUGH and depth < 4:
+            out.extend(_tuple_element_uses(comp, u, k, depth + 1))
+    return out
+
+
+def _only_dynamic_sliced(comp: _Computation, name: str, comps: dict[str, _Computation], depth: int = 0) -> bool:
+    """Every use of ``name`` is a dynamic-slice of it (directly, or inside the fusions it feeds)."""
+    users = comp.users.get(name, [])
+    if not users or depth > 6:
+        return False
+    for u in users:
+        user = comp.instructions[u]
+        if user.opcode in _PASS_THROUGH:
+            ok = _only_dynamic_sliced(comp, u, comps, depth + 1)
+        elif user.opcode == "dynamic-slice":
+            ok = user.operands[0] == name
+        elif user.opcode == "fusion" and user.calls in comps:
+            fused = comps[user.calls]
+            ok = all(
+                i in fused.parameters and _only_dynamic_sliced(fused, fused.parameters[i], comps, depth + 1)
+                for i, o in enumerate(user.operands) if o == name
+            )  # fmt: skip
+        else:
+            ok = False
+        if not ok:
+            return False
+    return True
+
+
+def _written_into_zeros(comp: _Computation, name: str, comps: dict[str, _Computation], depth: int = 0) -> bool:
+    """``name`` is a dynamic-update-slice into zeros (directly or as a fusion's root)."""
+    inst = comp.instructions.get(name)
+    if inst is None or depth > 6:
+        return False
+    if inst.opcode in _PASS_THROUGH and inst.operands:
+        return _written_into_zeros(comp, inst.operands[0], comps, depth + 1)
+    if inst.opcode == "fusion" and inst.calls in comps and comps[inst.calls].root:
+        fused = comps[inst.calls]
+        return _written_into_zeros(fused, fused.root, comps, depth + 1)
+    return inst.opcode == "dynamic-update-slice" and bool(inst.operands) and _is_zero(comp, inst.operands[0])
+
+
+def _is_zero(comp: _Computation, name: str) -> bool:
+    inst = comp.instructions.get(name)
+    while inst is not None and inst.opcode in _PASS_THROUGH | {"broadcast"} and inst.operands:
+        name, inst = inst.operands[0], comp.instructions.get(inst.operands[0])
+    return name in comp.zeros
 
 
 def execution_counts(hlo_text: str) -> tuple[dict[str, int], dict[str, bool]]:
