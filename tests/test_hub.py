@@ -18,6 +18,7 @@ import http.server
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -25,6 +26,7 @@ import threading
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 from safetensors.torch import save_file
 
 from conftest import ROOT
@@ -327,6 +329,26 @@ def test_hub_falls_back_to_pytorch_model_bin(tmp_path, hub, femto):
 
     model = mambaout_jax.create_model("mambaout_femto", pretrained=tmp_path / "femto.safetensors")
     assert compare_logits(ref, flax_forward(model, x))["rel_err"] <= 2e-5
+    # The hub goes away: the cached pytorch_model.bin is used, after one round of huggingface_hub's
+    # retries (for model.safetensors), not a second one for the file that is already there.
+    r = _cli(_env(tmp_path, f"http://127.0.0.1:{_closed_port()}"), "--pretrained", TAG, tmp_path / "again.safetensors")
+    assert r.returncode == 0, r.stderr
+    assert _retry_rounds(r.stderr) == 1, r.stderr
+    again, first = (load_file(tmp_path / f"{n}.safetensors") for n in ("again", "femto"))
+    assert again.keys() == first.keys() and all(np.array_equal(again[k], first[k]) for k in first)
+
+
+def _retry_rounds(stderr: str) -> int:
+    """How many times huggingface_hub went through its retries (its own handler's lines; the root
+    logger that orbax's import sets up prints each once more, prefixed)."""
+    return len(re.findall(r"^Retrying in \d+s \[Retry 5/5\]", stderr, flags=re.MULTILINE))
+
+
+def _closed_port() -> int:
+    """A free port on 127.0.0.1, closed again: connection refused."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_offline_with_an_empty_cache_says_how_to_fetch(tmp_path, hub):
@@ -339,13 +361,10 @@ def test_offline_with_an_empty_cache_says_how_to_fetch(tmp_path, hub):
 
 
 def test_network_error_is_said_plainly(tmp_path):
-    import socket
-
-    with socket.socket() as s:  # a free port on 127.0.0.1, closed again: connection refused
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _closed_port()
     r = _cli(_env(tmp_path, f"http://127.0.0.1:{port}"), "--pretrained", TAG, tmp_path / "o.safetensors")
     assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert _retry_rounds(r.stderr) == 1, r.stderr  # huggingface_hub's ~23 s of retries, once, not once per file
     assert f"{TAG}: cannot reach the hub at http://127.0.0.1:{port} (network error: ConnectError" in r.stderr
     assert "not in the Hugging Face cache" in r.stderr
 

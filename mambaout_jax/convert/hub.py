@@ -77,9 +77,11 @@ def download_hub(weights: PretrainedWeights) -> Path:
     not_cached: Exception | None = None  # offline, or the network failed, and the file is not in the cache
     for filename in HUB_FILES:
         try:
-            path = Path(hf.hf_hub_download(repo, filename))
+            # Once the hub could not be reached (huggingface_hub has retried for ~23 s by then), the
+            # fallback file is looked for in the cache only, not through another round of retries.
+            path = Path(hf.hf_hub_download(repo, filename, local_files_only=not_cached is not None))
         except errors.EntryNotFoundError as e:  # remote 404 (or cached as absent) / not in the cache
-            if isinstance(e, errors.LocalEntryNotFoundError):
+            if isinstance(e, errors.LocalEntryNotFoundError) and not_cached is None:
                 not_cached = e
             continue
         except errors.RepositoryNotFoundError as e:
