@@ -165,7 +165,7 @@ class _Computation:
     collectives: list[tuple[str, str, tuple[Array, ...], int | None]] = dataclasses.field(default_factory=list)
     int_constants: dict[str, int] = dataclasses.field(default_factory=dict)
     tuple_elements: set[str] = dataclasses.field(default_factory=set)  # get-tuple-element results
-    instructions: dict[str, "_Instruction"] = dataclasses.field(default_factory=dict)
+    instructions: dict[str, _Instruction] = dataclasses.field(default_factory=dict)
     users: dict[str, list[str]] = dataclasses.field(default_factory=lambda: defaultdict(list))
     parameters: dict[int, str] = dataclasses.field(default_factory=dict)  # index -> name
     root: str | None = None
