@@ -295,7 +295,8 @@ def test_bad_topology_names_say_what_is_accepted(name, message):
 # Reading collectives from HLO text
 # ---------------------------------------------------------------------------------------------
 
-SYNTHETIC_HLO = """\
+# The module line and the reducer every collective below applies.
+HLO_HEAD = """\
 HloModule jit_step, entry_computation_layout={()->()}
 
 %add (a: f32[], b: f32[]) -> f32[] {
@@ -303,7 +304,9 @@ HloModule jit_step, entry_computation_layout={()->()}
   %b = f32[] parameter(1)
   ROOT %add.1 = f32[] add(%a, %b)
 }
+"""
 
+SYNTHETIC_HLO = HLO_HEAD + """
 %rs_wrapped (p: f32[64,8]) -> f32[64,2] {
   %p = f32[64,8]{1,0} parameter(0)
   ROOT %reduce-scatter.3 = f32[64,2]{1,0:T(8,128)} reduce-scatter(%p), channel_id=7, replica_groups=[2,4]<=[8], dimensions={1}, to_apply=%add
@@ -393,15 +396,7 @@ def test_hlo_collectives_async_tuple_and_loop_forms_are_each_counted_as_executed
 # chip's shard written into zeros. Around them: a combined async all-reduce whose element 0 is
 # sliced (inside a fusion, behind a VMEM copy) and element 1 is used whole, and a
 # dynamic-update-slice into something that is not zeros (an update, not a gather).
-DECOMPOSED_HLO = """\
-HloModule jit_step, entry_computation_layout={()->()}
-
-%add (a: f32[], b: f32[]) -> f32[] {
-  %a = f32[] parameter(0)
-  %b = f32[] parameter(1)
-  ROOT %add.1 = f32[] add(%a, %b)
-}
-
+DECOMPOSED_HLO = HLO_HEAD + """
 %fused_slice (param_0: f32[64,8], param_1: u32[]) -> f32[4,8] {
   %param_0 = f32[64,8]{1,0} parameter(0)
   %param_1 = u32[] parameter(1)
