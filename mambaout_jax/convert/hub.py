@@ -21,8 +21,10 @@ recorded next to it (``<file>.sha256``) and every later load checks the cached f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import logging
 import os
 import re
 import urllib.error
@@ -73,6 +75,28 @@ def download_hub(weights: PretrainedWeights) -> Path:
     hf = _huggingface_hub()
     from huggingface_hub import errors
 
+    with _hub_messages_once():
+        return _download_hub(hf, errors, weights)
+
+
+@contextlib.contextmanager
+def _hub_messages_once():
+    """huggingface_hub prints its messages (a download's retries) through a stderr handler of its own
+    and passes them on to the root logger too, which has one as well once anything has logged through
+    absl (orbax's import does): each would print twice. During a download, its own handler only."""
+    import huggingface_hub.utils.logging  # noqa: F401  (gives the library's logger its handler; lazy otherwise)
+
+    logger = logging.getLogger("huggingface_hub")
+    propagate = logger.propagate
+    if logger.handlers and logging.getLogger().handlers:
+        logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.propagate = propagate
+
+
+def _download_hub(hf, errors, weights: PretrainedWeights) -> Path:
     repo = weights.hf_hub_id
     not_cached: Exception | None = None  # offline, or the network failed, and the file is not in the cache
     for filename in HUB_FILES:
