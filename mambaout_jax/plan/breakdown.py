@@ -74,6 +74,7 @@ class PartCost:
     part: str
     bytes_accessed: float  # per run of the program, all executions
     hbm_bytes: float
+    xla_bytes: float  # the same instructions by XLA's cost-analysis rules (``hlo_ops._xla_bytes``)
     flops: float
     estimated_cycles: float  # the TPU compiler's estimate, summed over the part's instructions
     instructions: int
@@ -88,12 +89,13 @@ def by_part(ops: Iterable[OpCost]) -> list[PartCost]:
         a = acc[model_part(op)]
         a["bytes"] += op.total_bytes
         a["hbm"] += op.total_hbm_bytes
+        a["xla"] += op.total_xla_bytes
         a["flops"] += op.total_flops
         a["cycles"] += (op.estimated_cycles or 0) * op.executions
         a["n"] += 1
         a[direction(op)] += op.total_bytes
     return [
-        PartCost(p, a["bytes"], a["hbm"], a["flops"], a["cycles"], int(a["n"]), a["forward"], a["backward"])
+        PartCost(p, a["bytes"], a["hbm"], a["xla"], a["flops"], a["cycles"], int(a["n"]), a["forward"], a["backward"])
         for p in PARTS
         if (a := acc.get(p))
     ]
@@ -133,6 +135,12 @@ class Breakdown:
     def flops(self) -> float:
         return sum(op.total_flops for op in self.ops)
 
+    @property
+    def xla_rule_bytes(self) -> float:
+        """The same instructions priced by XLA's cost-analysis rules (``hlo_ops._xla_bytes``), every
+        execution counted: where it and ``xla_bytes_accessed`` still differ, see docs/TPU_PLANNING.md."""
+        return sum(op.total_xla_bytes for op in self.ops)
+
     def bytes_per_image(self) -> float:
         return self.bytes_accessed / self.per_chip_batch
 
@@ -165,15 +173,16 @@ def format_breakdown(b: Breakdown, top: int = 15) -> str:
         f"{b.model} train step on {b.topology}, {n} images per chip: "
         f"{b.bytes_accessed / n / 1e6:.1f} MB accessed and {b.flops / n / 1e9:.2f} GFLOP per image "
         f"({len(b.ops)} instructions; XLA's cost analysis: {b.xla_bytes_accessed / n / 1e6:.1f} MB, "
-        f"{b.xla_flops / n / 1e9:.2f} GFLOP)",
+        f"{b.xla_flops / n / 1e9:.2f} GFLOP; its rules applied to these instructions: "
+        f"{b.xla_rule_bytes / n / 1e6:.1f} MB)",
         "",
-        "| part | MB/image | % bytes | fwd MB | bwd MB | GFLOP/image | % FLOPs | FLOP/byte | instructions |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| part | MB/image | % bytes | fwd MB | bwd MB | XLA-rule MB | GFLOP/image | % FLOPs | FLOP/byte | instructions |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for p in by_part(b.ops):
         lines.append(
             f"| {p.part} | {p.bytes_accessed / n / 1e6:.1f} | {100 * p.bytes_accessed / total_bytes:.1f} "
-            f"| {p.forward_bytes / n / 1e6:.1f} | {p.backward_bytes / n / 1e6:.1f} "
+            f"| {p.forward_bytes / n / 1e6:.1f} | {p.backward_bytes / n / 1e6:.1f} | {p.xla_bytes / n / 1e6:.1f} "
             f"| {p.flops / n / 1e9:.3f} | {100 * p.flops / total_flops:.1f} "
             f"| {p.flops / max(p.bytes_accessed, 1):.1f} | {p.instructions} |"
         )
@@ -202,6 +211,7 @@ def breakdown_to_dict(b: Breakdown) -> dict:
         "bytes_accessed_per_image": b.bytes_accessed / n,
         "flops_per_image": b.flops / n,
         "xla_bytes_accessed_per_image": b.xla_bytes_accessed / n,
+        "xla_rule_bytes_per_image": b.xla_rule_bytes / n,
         "xla_flops_per_image": b.xla_flops / n,
         "parts": [dataclasses.asdict(p) for p in by_part(b.ops)],
     }
