@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from mambaout_jax.plan.breakdown import PARTS, direction, model_part, short_op_name
-from mambaout_jax.plan.hlo_ops import OpCost, op_costs, parse_shapes
+from mambaout_jax.plan.hlo_ops import OpCost, op_costs, parse_shapes, xla_bytes_accessed
 from test_plan import ROOT, SMALL_FEMTO, run_planner
 
 MODEL_PARTS = ("stem", "downsample", "LayerNorm", "fc1", "depthwise conv", "fc2", "head", "loss", "optimizer update")
@@ -136,8 +136,6 @@ ENTRY %main (x: f32[8,128], v: f32[128], w: f32[8,256]) -> f32[8,128] {
 
 
 def test_xla_rules_count_what_the_instruction_sum_does_not():
-    from mambaout_jax.plan.hlo_ops import xla_bytes_accessed
-
     ops = {op.name: op for op in op_costs(XLA_RULES_HLO)}
     tile, row = 8 * 128 * 4, 128 * 4
     # An asynchronous copy: the sum reads and writes the buffer once; XLA counts it four times.
