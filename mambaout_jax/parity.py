@@ -53,7 +53,7 @@ from mambaout_jax.convert.cli import add_weight_set_flags
 from mambaout_jax.convert.convert import convert_state_dict
 from mambaout_jax.convert.mapping import flax_to_torch
 from mambaout_jax.convert.torch_io import CheckpointError, read_weights
-from mambaout_jax.convert.verify import reference_device
+from mambaout_jax.convert.verify import randomize_, reference_device
 from mambaout_jax.convert.weights import LoadedWeights, load_pretrained, load_weights
 from mambaout_jax.data.preprocessing import resolve_eval_preprocessing
 from mambaout_jax.data.sources import IMAGE_EXTENSIONS
@@ -103,26 +103,6 @@ def find_images(folder: str | None) -> list[str]:
     if not paths:
         raise ParityError(f"--images {folder}: holds no image files ({', '.join(IMAGE_EXTENSIONS)})")
     return paths
-
-
-def randomize_(module, seed: int = 0) -> None:
-    """Every parameter random, in place, so that no mapping mistake hides behind timm's init
-    (LayerNorm scale 1 and bias 0, zero biases, layer scale 1e-5): LayerNorm scales around 1, layer
-    scale around 0.5, the rest around 0 scaled by fan-in, so activations stay O(1) and logits are
-    informative. The tests' random models use it too (``tests/torch_reference.py``)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
-            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
-                value = 1.0 + 0.2 * noise
-            elif name.endswith("ls.gamma"):
-                value = 0.5 + 0.2 * noise
-            elif p.ndim == 1:
-                value = 0.1 * noise
-            else:
-                value = noise / np.sqrt(int(np.prod(p.shape[1:])))
-            p.copy_(value.to(p.device))
 
 
 @dataclasses.dataclass

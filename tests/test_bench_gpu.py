@@ -51,3 +51,28 @@ def test_bad_arguments_are_clear_errors_and_write_nothing(tmp_path):
     proc = run("--batch", "0", "--out", str(tmp_path / "out"))
     assert proc.returncode == 2 and "--batch must be at least 1, got 0" in proc.stderr
     assert not (tmp_path / "out").exists()
+
+
+# What a bare GPU image lacks: the input pipeline's packages (grain, ArrayRecord, TFDS). The model,
+# the converter and the CUDA parity tests that bench_gpu.py runs must not need them.
+WITHOUT_INPUT_PIPELINE = """
+import importlib.abc, sys
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("grain", "array_record", "tensorflow_datasets"):
+            raise ModuleNotFoundError(f"No module named {name!r} (absent on purpose)", name=name)
+sys.meta_path.insert(0, Absent())
+import pytest
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", *sys.argv[1:]]))
+"""
+
+
+def test_the_parity_tests_it_runs_need_no_input_pipeline():
+    cmd = [sys.executable, "-c", WITHOUT_INPUT_PIPELINE, "tests/test_model_parity.py", "tests/test_model.py"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]  # "N tests collected in ..s", or "... N errors in ..s"
+    assert "tests collected" in summary and "error" not in summary, summary
+    # The same guard does stop what needs the pipeline, so the check above is not vacuous.
+    proc = subprocess.run([*cmd[:3], "tests/test_data_pipeline.py"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "absent on purpose" in proc.stdout + proc.stderr

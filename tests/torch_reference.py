@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from mambaout_jax.parity import randomize_  # noqa: F401  (the tests import it from here)
+from mambaout_jax.convert.verify import randomize_  # noqa: F401  (the tests import it from here)
 
 
 def random_timm_model(name: str, num_classes: int = 1000, seed: int = 0, device: str = "cpu"):

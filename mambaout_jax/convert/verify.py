@@ -17,6 +17,29 @@ def reference_device() -> str:
     return "cuda" if torch.cuda.is_available() and jax.default_backend() == "gpu" else "cpu"
 
 
+def randomize_(module, seed: int = 0) -> None:
+    """Every parameter random, in place, so that no mapping mistake hides behind timm's init
+    (LayerNorm scale 1 and bias 0, zero biases, layer scale 1e-5): LayerNorm scales around 1, layer
+    scale around 0.5, the rest around 0 scaled by fan-in, so activations stay O(1) and logits are
+    informative. The parity report's ``--random-weights`` and the tests' random models
+    (``tests/torch_reference.py``) use it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if name.endswith(("norm.weight", "norm1.weight", "norm2.weight")):
+                value = 1.0 + 0.2 * noise
+            elif name.endswith("ls.gamma"):
+                value = 0.5 + 0.2 * noise
+            elif p.ndim == 1:
+                value = 0.1 * noise
+            else:
+                value = noise / np.sqrt(int(np.prod(p.shape[1:])))
+            p.copy_(value.to(p.device))
+
+
 def build_timm_model(model: str, num_classes: int, state_dict: Mapping[str, np.ndarray] | None = None, device="cpu"):
     """A timm model with random weights (no network), optionally loaded strictly from ``state_dict``."""
     import timm
